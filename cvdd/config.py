@@ -1,0 +1,334 @@
+"""Typed configs for every stage, loaded from YAML with command-line overrides.
+
+A config file is a YAML mapping whose top-level sections match the fields of
+:class:`RunConfig`. Loading checks every key, type and range, so a typo or an
+out-of-range value stops the run before anything is written, with a message
+that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _range(minimum=None, maximum=None, *, exclusive_min=False):
+    """Field metadata that bounds a number; checked on load."""
+    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
+
+
+def _num(default, minimum=None, maximum=None, *, exclusive_min=False):
+    return field(default=default, metadata=_range(minimum, maximum, exclusive_min=exclusive_min))
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to read and where from."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"] = "digits"
+    # Folder or archive (.zip, .tar, .tar.gz) holding the data; unused for digits.
+    root: Optional[str] = None
+    # Let torchvision download cifar10, cifar100, mnist or fashion-mnist into root.
+    download: bool = False
+    # File with one class name per line, giving the class index order of an imagefolder.
+    class_order: Optional[str] = None
+    # Side length in pixels that imagefolder images are resized to; null keeps the native size.
+    image_size: Optional[int] = _num(None, 8)
+    # Colour channels of imagefolder images: 1 decodes as greyscale, 3 as RGB.
+    channels: int = _num(3, 1, 3)
+    # Folder of the decoded uint8 tensor cache; null uses $CVDD_CACHE or ~/.cache/cvdd.
+    cache_dir: Optional[str] = None
+    # DataLoader workers for images larger than 64 px, which stream from disk.
+    num_workers: int = _num(2, 0)
+
+
+@dataclass
+class CommitteeConfig:
+    """The committee members and their width."""
+
+    members: list[str] = field(
+        default_factory=lambda: ["resnet18", "resnet50", "densenet121", "shufflenet_v2", "mobilenet_v2"]
+    )
+    # Channel multiplier of every member; 1.0 is the architecture's published width.
+    width: float = _num(1.0, 0.0, exclusive_min=True)
+    # Per-member width overrides, for example {resnet50: 0.5}.
+    widths: dict[str, float] = field(default_factory=dict)
+    # Per-member epoch overrides of train.epochs, for example {resnet50: 5}.
+    epochs: dict[str, int] = field(default_factory=dict)
+
+    def validate(self):
+        from .models import check_arch
+
+        if not self.members:
+            raise ConfigError("config key 'committee.members' is empty; list at least one architecture")
+        if len(set(self.members)) != len(self.members):
+            raise ConfigError(f"config key 'committee.members' lists a member twice: {self.members}; list each once")
+        for arch in self.members:
+            check_arch(arch)
+        for arch, value in self.widths.items():
+            check_arch(arch)
+            if value <= 0:
+                raise ConfigError(f"config key 'committee.widths.{arch}' has value {value}; it must be greater than 0")
+        for arch, value in self.epochs.items():
+            check_arch(arch)
+            if value < 1:
+                raise ConfigError(f"config key 'committee.epochs.{arch}' has value {value}; it must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    """Supervised training of the committee members (paper appendix, tables 17 to 23)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = _num(0.01, 0.0, exclusive_min=True)
+    momentum: float = _num(0.9, 0.0, 1.0)
+    weight_decay: float = _num(1e-4, 0.0)
+    batch_size: int = _num(64, 1)
+    epochs: int = _num(10, 1)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    # Scale range of RandomResizedCrop, as a fraction of the image area.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    # False trains on the images as they are, with no crop and no flip.
+    augment: bool = True
+    # bf16 runs forward passes under torch.autocast with bfloat16 (CPU and CUDA).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    label_smoothing: float = _num(0.0, 0.0, 1.0)
+    eval_batch_size: int = _num(500, 1)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the dataset, the committee and every stage's settings."""
+
+    name: str = "run"
+    # Run folder; null places it at runs/<name>.
+    run_dir: Optional[str] = None
+    seed: int = _num(0, 0)
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    committee: CommitteeConfig = field(default_factory=CommitteeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def member_width(self, arch: str) -> float:
+        return self.committee.widths.get(arch, self.committee.width)
+
+    def member_train(self, arch: str) -> TrainConfig:
+        """Return the training settings of one member, with its epoch override applied."""
+        if arch in self.committee.epochs:
+            return dataclasses.replace(self.train, epochs=self.committee.epochs[arch])
+        return self.train
+
+
+# --- conversion from plain YAML data to dataclasses, with validation ------------------
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail():
+        raise ConfigError(f"config key '{key}' has value {value!r}; expected {_type_name(tp)}")
+
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for candidate in args:
+            if candidate is type(None):
+                continue
+            try:
+                return _convert(value, candidate, key)
+            except ConfigError:
+                pass
+        fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        fail()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail()
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail()
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            fail()
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-4 as a string; accept numeric strings for floats only.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for '{key}'")
+
+
+def _check_range(value, meta, key: str):
+    if value is None or not meta:
+        return
+    minimum, maximum = meta.get("min"), meta.get("max")
+    if minimum is not None:
+        too_small = value <= minimum if meta.get("exclusive_min") else value < minimum
+        if too_small:
+            bound = f"greater than {minimum}" if meta.get("exclusive_min") else f"at least {minimum}"
+            raise ConfigError(f"config key '{key}' has value {value!r}; it must be {bound}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"config key '{key}' has value {value!r}; it must be at most {maximum}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config key '{full}'; allowed keys here: {allowed}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        value = _convert(data[name], hints[name], full)
+        _check_range(value, dict(f.metadata), full)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def config_from_dict(data: dict, cls=RunConfig):
+    """Build and validate a config of type `cls` from plain data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    return _build(cls, data)
+
+
+def config_to_dict(cfg) -> dict:
+    """Return the config as plain data (lists instead of tuples), for YAML and hashing."""
+
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override to plain config data in place.
+
+    The value is parsed as YAML, so `3`, `0.5`, `true`, `[a, b]` and `null` work.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    path, raw = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {assignment!r} names no key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {assignment!r} has a value that is not valid YAML: {exc}") from None
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls=RunConfig):
+    """Load a YAML config, apply `section.key=value` overrides and validate the result."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            message = str(exc).replace("\n", " ")
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {message}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data, cls)
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def fingerprint(*parts) -> str:
+    """Return a short stable hash of JSON-serialisable parts (configs, names, numbers)."""
+    text = json.dumps([config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
