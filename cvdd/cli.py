@@ -47,11 +47,27 @@ def _prepare(args):
     device = resolve_device(cfg.device)
     setup_logging()
     dataset = load_dataset(cfg.data)
-    run = RunFolder(cfg.resolved_run_dir()).create()
+    run = RunFolder(cfg.resolved_run_dir())
+    _check_existing_checkpoints(cfg, dataset, run)
+    run.create()
     setup_logging(run.log_path)
     atomic_write_text(run.config_path, config_to_yaml(cfg))
     log.info("run folder %s, device %s, %s", run.root, device, dataset.describe())
     return cfg, dataset, run, device
+
+
+def _check_existing_checkpoints(cfg, dataset, run) -> None:
+    """Reject a run folder whose member checkpoints were made for another class list, before writing."""
+    import torch
+
+    from .models import check_checkpoint_matches
+
+    for arch in cfg.committee.members:
+        path = run.member_path(arch)
+        if path.is_file():
+            meta = torch.load(path, map_location="cpu", weights_only=False)
+            if isinstance(meta, dict):
+                check_checkpoint_matches(meta, dataset, repr(str(path)))
 
 
 def cmd_pretrain(args) -> int:
@@ -74,6 +90,69 @@ def format_committee_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _methods(args, cfg) -> list[str]:
+    from .errors import ConfigError
+
+    methods = args.method or list(cfg.methods)
+    for m in methods:
+        if m not in ("random", "sre2l", "sre2l++", "cvdd"):
+            raise ConfigError(f"method {m!r} is unknown; choose random, sre2l, sre2l++ or cvdd")
+    return methods
+
+
+def cmd_prior(args) -> int:
+    from .prior import load_or_compute_priors
+    from .runs import stage
+
+    cfg, dataset, run, device = _prepare(args)
+    with stage("prior"):
+        priors = load_or_compute_priors(cfg, dataset, run, device)
+    print("priors (%): " + ", ".join(f"{k} {v:.2f}" for k, v in priors.items()))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .pipeline import run_synthesis
+    from .prior import load_or_compute_priors
+    from .runs import stage
+
+    cfg, dataset, run, device = _prepare(args)
+    methods = _methods(args, cfg)
+    priors = load_or_compute_priors(cfg, dataset, run, device, compute=False) if "cvdd" in methods else {}
+    with stage("synthesis"):
+        outputs = run_synthesis(cfg, dataset, run, device, priors, methods)
+    for method, out in outputs.items():
+        print(f"{method}: {len(out['images'])} images in {run.distilled_dir(method)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .pipeline import format_results, run_evaluation, summarize
+    from .prior import load_or_compute_priors
+    from .runs import stage
+
+    cfg, dataset, run, device = _prepare(args)
+    methods = _methods(args, cfg)
+    needs_priors = any(m in ("cvdd", "random") for m in methods)
+    priors = load_or_compute_priors(cfg, dataset, run, device, compute=False) if needs_priors else {}
+    timings: dict = {}
+    with stage("evaluate", timings):
+        results = run_evaluation(cfg, dataset, run, device, priors, methods)
+    print(format_results(summarize(results, cfg, dataset, priors, timings)))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import format_results, run_pipeline
+
+    cfg, dataset, run, device = _prepare(args)
+    start = time.perf_counter()
+    metrics = run_pipeline(cfg, dataset, run, device)
+    print(format_results(metrics))
+    print(f"total {time.perf_counter() - start:.0f} s; metrics in {run.metrics_path}")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _resolve_config(args)
     sys.stdout.write(config_to_yaml(cfg))
@@ -87,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "pretrain": (cmd_pretrain, "train every committee member and save its checkpoint"),
+        "prior": (cmd_prior, "compute each member's prior performance (Algorithm 1) into priors.json"),
+        "distill": (cmd_distill, "synthesise the distilled sets of the configured methods"),
+        "evaluate": (cmd_evaluate, "train fresh students on the distilled sets and report test top-1"),
+        "run": (cmd_run, "run every stage: committee, priors, synthesis, post-evaluation, metrics"),
         "config": (cmd_config, "print the resolved config after overrides and validation"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_common(p)
+        if name in ("distill", "evaluate"):
+            p.add_argument("--method", action="append", help="method to run (repeatable; default: config methods)")
         p.set_defaults(func=func)
     return parser
 

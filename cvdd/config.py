@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,92 @@ class TrainConfig:
     eval_batch_size: int = _num(500, 1)
 
 
+METHODS = ("random", "sre2l", "sre2l++", "cvdd")
+
+
+@dataclass
+class SynthesisConfig:
+    """Image synthesis for sre2l, sre2l++ and cvdd (paper table 16 and the public code)."""
+
+    ipc: int = _num(10, 1)
+    iterations: int = _num(2000, 1)
+    lr: float = _num(0.25, 0.0, exclusive_min=True)
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = _num(1e-8, 0.0, exclusive_min=True)
+    # Classes per synthesis batch (one image per class); null: all classes if fewer than 100, else 100.
+    batch_size: Optional[int] = _num(None, 1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # Maximum roll offset in pixels after cropping; null: 4 up to 64 px (1 at 8 px), 32 above.
+    roll: Optional[int] = _num(None, 0)
+    # Coefficient lambda of the BN-matching term.
+    r_bn: float = _num(0.01, 0.0)
+    bn_form: Literal["norm", "squared"] = "norm"
+    bn_reduction: Literal["sum", "mean"] = "sum"
+    first_bn_multiplier: float = _num(10.0, 0.0)
+    # Initialisation: auto is noise for sre2l and real images for sre2l++ and cvdd.
+    init: Literal["auto", "real", "noise"] = "auto"
+    # The single member of sre2l and sre2l++; null: the first committee member.
+    member: Optional[str] = None
+    # CV-DD: number of experts N drawn per batch, temperature T, voter strategy.
+    experts: int = _num(2, 1)
+    temperature: float = _num(5.0, 0.0, exclusive_min=True)
+    voter: Literal["prior", "equal", "random"] = "prior"
+    online_reweighting: bool = False
+    # Cross-entropy from all N experts, BN term from the strongest only.
+    partial_aggregation: bool = False
+    # When experts are drawn: per synthesis batch, or once per IPC index (the public code).
+    draw: Literal["per_batch", "per_ipc"] = "per_batch"
+    # Call the live-plot callback every this many iterations.
+    callback_every: int = _num(10, 1)
+
+
+@dataclass
+class EvalConfig:
+    """Post-evaluation: students trained on the distilled set only (paper appendix G)."""
+
+    students: list[str] = field(default_factory=lambda: ["resnet18"])
+    # Student width multiplier; null: the committee's width.
+    student_width: Optional[float] = _num(None, 0.0, exclusive_min=True)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    label_modes: list[Literal["soft", "hard"]] = field(default_factory=lambda: ["soft", "hard"])
+    epochs: int = _num(300, 1)
+    lr: float = _num(0.001, 0.0, exclusive_min=True)
+    weight_decay: float = _num(0.01, 0.0)
+    # null: 16, or 10 when the distilled set holds at most 16 images.
+    batch_size: Optional[int] = _num(None, 1)
+    # Smoothed cosine schedule: factor 0.5 * (1 + cos(pi * e / (E * eta))).
+    eta: float = _num(1.0, 1.0)
+    # Softmax temperature of the KL loss.
+    tau: float = _num(20.0, 0.0, exclusive_min=True)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # Beta(alpha, alpha) of CutMix; 0 turns CutMix off.
+    cutmix_alpha: float = _num(1.0, 0.0)
+    bssl: bool = True
+    soft_label_space: Literal["prob", "logit"] = "prob"
+    # Test top-1 is measured every this many epochs and at the last epoch.
+    eval_every: int = _num(50, 1)
+    # Worker processes that train students in parallel, one thread each; 1 trains in this process.
+    workers: int = _num(1, 1)
+
+
+@dataclass
+class PriorConfig:
+    """Prior performance by distill-and-evaluate (Algorithm 1)."""
+
+    # Priors in percent given directly; when set, they are used instead of computing them.
+    values: dict[str, float] = field(default_factory=dict)
+    ipc: int = _num(10, 1)
+    train_fraction: float = _num(0.8, 0.0, 1.0, exclusive_min=True)
+    split_seed: int = _num(0, 0)
+    # Training epochs of each member on the 80% split; null: the committee recipe.
+    member_epochs: Optional[int] = _num(None, 1)
+    # Synthesis iterations of the single-member distillation; null: synthesis.iterations.
+    iterations: Optional[int] = _num(None, 1)
+    student: str = "resnet18"
+    # Student epochs; null: evaluate.epochs.
+    student_epochs: Optional[int] = _num(None, 1)
+
+
 @dataclass
 class RunConfig:
     """A whole run: the dataset, the committee and every stage's settings."""
@@ -119,6 +206,45 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     committee: CommitteeConfig = field(default_factory=CommitteeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[Literal["random", "sre2l", "sre2l++", "cvdd"]] = field(
+        default_factory=lambda: ["random", "sre2l", "sre2l++", "cvdd"]
+    )
+
+    def validate(self):
+        from .models import check_arch
+
+        members = self.committee.members
+        if self.synthesis.experts > len(members):
+            raise ConfigError(
+                f"config key 'synthesis.experts' has value {self.synthesis.experts} but the committee has "
+                f"{len(members)} members; use at most {len(members)}"
+            )
+        if self.synthesis.member is not None and self.synthesis.member not in members:
+            raise ConfigError(
+                f"config key 'synthesis.member' has value {self.synthesis.member!r}, which is not a committee "
+                f"member; choose one of {members}"
+            )
+        for name in self.evaluate.students + [self.prior.student]:
+            check_arch(name)
+        if self.prior.values:
+            missing = [m for m in members if m not in self.prior.values]
+            if missing:
+                raise ConfigError(
+                    f"config key 'prior.values' has no prior for member(s) {missing}; give every member a "
+                    "value or remove prior.values to compute the priors"
+                )
+        for key, scale in (("train.crop_scale", self.train.crop_scale), ("synthesis.crop_scale",
+                           self.synthesis.crop_scale), ("evaluate.crop_scale", self.evaluate.crop_scale)):
+            if not 0 < scale[0] <= scale[1] <= 1:
+                raise ConfigError(f"config key '{key}' has value {list(scale)}; use 0 < min <= max <= 1")
+
+    @property
+    def single_member(self) -> str:
+        """The member that sre2l and sre2l++ distill with."""
+        return self.synthesis.member or self.committee.members[0]
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
@@ -224,6 +350,8 @@ def _convert(value: Any, tp, key: str):
 def _check_range(value, meta, key: str):
     if value is None or not meta:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' has value {value!r}; it must be a finite number")
     minimum, maximum = meta.get("min"), meta.get("max")
     if minimum is not None:
         too_small = value <= minimum if meta.get("exclusive_min") else value < minimum
@@ -295,7 +423,8 @@ def apply_override(data: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {assignment!r} has a value that is not valid YAML: {exc}") from None
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"override {assignment!r} has a value that is not valid YAML: {message}") from None
     node = data
     for key in keys[:-1]:
         child = node.setdefault(key, {})

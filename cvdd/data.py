@@ -329,6 +329,16 @@ class _Source:
             self._pid = os.getpid()
         return self._handle
 
+    def list_folders(self) -> list[str]:
+        """Relative paths of every folder in the source, so that empty folders are seen too."""
+        if self.kind == "folder":
+            return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_dir())
+        if self.kind == "zip":
+            names = [i.filename.rstrip("/") for i in self._open().infolist() if i.is_dir()]
+        else:
+            names = [m.name for m in self._open().getmembers() if m.isdir()]
+        return sorted(n[2:] if n.startswith("./") else n for n in names if n not in ("", "."))
+
     def list_files(self) -> list[str]:
         if self.kind == "folder":
             return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
@@ -341,8 +351,13 @@ class _Source:
             return (self.path / name).read_bytes()
         if self.kind == "zip":
             return self._open().read(name)
-        member = self._open().extractfile(name)
-        return member.read()
+        handle = self._open()
+        try:
+            member = handle.getmember(name)
+        except KeyError:
+            # `tar -C folder .` stores names as ./train/..., but _scan_tree drops the leading ./
+            member = handle.getmember(f"./{name}")
+        return handle.extractfile(member).read()
 
     def fingerprint(self) -> str:
         """Hash of the source's identity and content listing (names, sizes, checksums or mtimes)."""
@@ -387,7 +402,7 @@ def _decode(data: bytes, image_size: int | None, channels: int, name: str) -> to
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _scan_tree(files: list[str], source_name: str) -> tuple[str, dict[str, dict[str, list[str]]], int]:
+def _scan_tree(files: list[str], source_name: str, folders: list[str] = ()) -> tuple[str, dict[str, dict[str, list[str]]], int]:
     """Find the train and test split folders and group image files by class.
 
     Returns (prefix, {split: {class: [files]}}, number of skipped non-image files).
@@ -409,6 +424,14 @@ def _scan_tree(files: list[str], source_name: str) -> tuple[str, dict[str, dict[
     if test_name is None:
         raise DataError(f"{source_name!r} has no test/ or val/ folder; add one with the same class folders as train/")
     tree: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    # Class folders with no files at all still count as classes, so they can be reported.
+    for folder in folders:
+        p = PurePosixPath(folder).parts
+        if p[:len(prefix)] != prefix:
+            continue
+        p = p[len(prefix):]
+        if len(p) == 2 and p[0] in ("train", test_name):
+            tree["train" if p[0] == "train" else "test"].setdefault(p[1], [])
     skipped = 0
     for p in parts:
         if len(p) < 2 or p[0] not in ("train", test_name):
@@ -474,7 +497,7 @@ def load_imagefolder(
         raise DataError(f"dataset folder or archive {str(root)!r} not found; set data.root (or --data-root) to it")
     source = _Source(root)
     source_name = str(root)
-    _, tree, skipped = _scan_tree(source.list_files(), source_name)
+    _, tree, skipped = _scan_tree(source.list_files(), source_name, source.list_folders())
     if skipped:
         log.warning("skipped %d files that are not images in %s", skipped, source_name)
     for split, classes in tree.items():
@@ -578,3 +601,33 @@ def sample_per_class(labels: torch.Tensor, num_classes: int, per_class: int, gen
             )
         rows.append(candidates[torch.randperm(len(candidates), generator=generator)[:per_class]])
     return torch.stack(rows)
+
+
+class SubsetSplit(Split):
+    """A view of some rows of another split (for example the 80/20 split of Algorithm 1)."""
+
+    def __init__(self, base: Split, indices: torch.Tensor):
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.labels = base.labels[self.indices]
+
+    def get(self, indices):
+        return self.base.get(self.indices[torch.as_tensor(indices, dtype=torch.long)].tolist())
+
+    def batches(self, batch_size, shuffle=False, generator=None, drop_last=False, indices=None):
+        rows = self.indices if indices is None else self.indices[torch.as_tensor(indices, dtype=torch.long)]
+        return self.base.batches(batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                                 indices=rows)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices per class into a `fraction` part and the rest, with `seed`; both sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for label in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == label).flatten()
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        cut = int(round(len(rows) * fraction))
+        first.append(rows[:cut])
+        second.append(rows[cut:])
+    return torch.sort(torch.cat(first)).values, torch.sort(torch.cat(second)).values

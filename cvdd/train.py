@@ -65,13 +65,17 @@ def evaluate_top1(model: nn.Module, split: Split, dataset: ImageDataset, device:
 
 def train_model(
     model: nn.Module, dataset: ImageDataset, cfg: TrainConfig, device: torch.device, seed: int,
-    indices: torch.Tensor | None = None, desc: str = "train",
+    indices: torch.Tensor | None = None, desc: str = "train", state_path=None, state_key: str = "",
 ) -> list[dict]:
     """Train `model` with cross-entropy on the train split (or the subset `indices`).
 
     Uses SGD with momentum or AdamW, a per-step cosine schedule, and per-sample
     RandomResizedCrop and flip when `cfg.augment` is set. Returns one dict per epoch
     with the mean loss, the train top-1 and the seconds taken.
+
+    With `state_path`, the model, optimiser, schedule and random states are saved after
+    every epoch, and a later call with the same `state_key` continues after the last
+    saved epoch with the same random stream as an uninterrupted run.
     """
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -91,7 +95,20 @@ def train_model(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     history = []
-    for epoch in range(cfg.epochs):
+    first_epoch = 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("key") == state_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            history = state["history"]
+            first_epoch = state["epoch"]
+            log.info("%s: continuing after epoch %d from %s", desc, first_epoch, state_path)
+
+    for epoch in range(first_epoch, cfg.epochs):
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -123,6 +140,12 @@ def train_model(
         history.append(record)
         log.info("%s epoch %d/%d: loss %.4f, train top-1 %.4f, %.1f s", desc, epoch + 1, cfg.epochs,
                  record["loss"], record["train_top1"], record["seconds"])
+        if state_path is not None and epoch + 1 < cfg.epochs:
+            atomic_torch_save({
+                "key": state_key, "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            }, state_path)
     model.eval()
     return history
 
@@ -169,9 +192,10 @@ def pretrain_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, de
         model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size, width)
         log.info("member %s: width %g, %d parameters, %d epochs", arch, width, count_parameters(model),
                  train_cfg.epochs)
-        start = time.perf_counter()
-        history = train_model(model, dataset, train_cfg, device, seed_for(cfg.seed, "train", arch), desc=arch)
-        seconds = time.perf_counter() - start
+        partial = path.with_suffix(".partial.pt")
+        history = train_model(model, dataset, train_cfg, device, seed_for(cfg.seed, "train", arch), desc=arch,
+                              state_path=partial, state_key=expected)
+        seconds = sum(h["seconds"] for h in history)
         top1 = evaluate_top1(model, dataset.test, dataset, device, train_cfg.eval_batch_size, train_cfg.precision)
         log.info("member %s: test top-1 %.4f after %.1f s", arch, top1, seconds)
         meta_config = {
@@ -185,6 +209,7 @@ def pretrain_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, de
             f"{h['epoch']},{h['loss']:.6f},{h['train_top1']:.6f},{h['seconds']:.2f}" for h in history
         ]
         atomic_write_text(path.with_suffix(".csv"), "\n".join(lines) + "\n")
+        partial.unlink(missing_ok=True)
         results[arch] = {"top1": top1, "seconds": seconds, "parameters": count_parameters(model), "skipped": False}
     return results
 

@@ -1,0 +1,145 @@
+"""BatchNorm machinery: statistic hooks, the BN-matching loss and the BSSL context.
+
+References:
+    [1] Yin et al., "Squeeze, Recover and Relabel" (SRe2L), 2023: BN-statistic matching.
+    [2] Cui et al., "Dataset Distillation via Committee Voting", Eq. 6-10 and Section 3.5:
+        the squared BN loss and Batch-Specific Soft Labeling (BSSL).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import CvddError
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Return every BatchNorm layer of `model` by module path, in forward-definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a BN input.
+
+    Args:
+        x: (N, C) or (N, C, *spatial) tensor.
+
+    Returns:
+        (mean, var), each shape (C,), reduced over every dimension except 1.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dim=dims)
+    var = x.var(dim=dims, unbiased=False)
+    return mean, var
+
+
+class BNStatisticsHook:
+    """Captures the input mean and variance of every BatchNorm layer on each forward pass.
+
+    Hooks are attached by module path with forward pre-hooks, so no model code changes.
+    After a forward pass, `statistics[path]` is (mean, var) of that layer's input, both
+    shape (C,) and differentiable with respect to the input. Use as a context manager or
+    call :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str] | None = None):
+        self.layers = batchnorm_layers(model)
+        if layers is not None:
+            self.layers = {name: self.layers[name] for name in layers}
+        self.statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._make_hook(name)) for name, module in self.layers.items()
+        ]
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs):
+            self.statistics[name] = input_statistics(inputs[0])
+
+        return hook
+
+    def clear(self) -> None:
+        self.statistics = {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def bn_matching_loss(
+    hook: BNStatisticsHook,
+    form: Literal["norm", "squared"] = "norm",
+    reduction: Literal["sum", "mean"] = "sum",
+    first_multiplier: float = 10.0,
+) -> torch.Tensor:
+    """Distance between the captured batch statistics and each layer's running statistics.
+
+    Per layer l: `||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2` in the norm form
+    (the public SRe2L and CV-DD code), or the same with squared norms (Eq. 10 of [2]).
+    The first BatchNorm layer is weighted by `first_multiplier`. The layer terms are summed
+    (`reduction="sum"`, which grows with depth) or averaged over the layers.
+
+    Returns:
+        scalar tensor, differentiable with respect to the input of the forward pass.
+    """
+    if not hook.statistics:
+        raise RuntimeError("no BatchNorm statistics captured; run a forward pass inside the hook first")
+    terms = []
+    for index, (name, module) in enumerate(hook.layers.items()):
+        if name not in hook.statistics:
+            continue
+        mean, var = hook.statistics[name]
+        mean_gap = torch.linalg.vector_norm(mean - module.running_mean.to(mean.dtype))
+        var_gap = torch.linalg.vector_norm(var - module.running_var.to(var.dtype))
+        term = mean_gap**2 + var_gap**2 if form == "squared" else mean_gap + var_gap
+        terms.append(term * (first_multiplier if index == 0 else 1.0))
+    total = torch.stack(terms).sum()
+    return total / len(terms) if reduction == "mean" else total
+
+
+def require_batchnorm(model: nn.Module, name: str) -> None:
+    """Raise CvddError if BN matching is requested on a model without BatchNorm layers."""
+    if not batchnorm_layers(model):
+        raise CvddError(
+            f"committee member {name!r} has no BatchNorm layers, so BN matching cannot use it; "
+            "choose a member with BatchNorm or set synthesis.r_bn=0"
+        )
+
+
+@contextmanager
+def batch_specific_bn(model: nn.Module):
+    """Batch-Specific Soft Labeling (BSSL) context.
+
+    Inside the context every BatchNorm layer of `model` normalises with the current
+    batch's own mean and biased variance (Eq. 6-7 of [2]) instead of its running
+    statistics; everything else keeps its current mode. No running statistic, counter
+    or parameter changes, so the state dict afterwards is bitwise what it was before.
+
+    NOTE: a layer whose input has one value per channel (batch of 1 at 1x1 spatial size)
+    cannot compute batch statistics and raises, as BatchNorm does in training mode.
+    """
+    layers = list(batchnorm_layers(model).values())
+    saved = [(m.training, m.track_running_stats) for m in layers]
+    try:
+        for m in layers:
+            # training=True with track_running_stats=False makes F.batch_norm use batch
+            # statistics and receive no running buffers to update.
+            m.training = True
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m, (training, track) in zip(layers, saved):
+            m.training = training
+            m.track_running_stats = track

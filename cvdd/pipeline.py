@@ -1,0 +1,255 @@
+"""The main job (`cvdd run`): committee, priors, synthesis, post-evaluation and metrics.
+
+Every stage reads the previous stage's artifacts from the run folder and skips work
+items whose outputs exist and were made with the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, fingerprint
+from .data import ImageDataset
+from .evaluate import Committee, check_class_names, train_student
+from .prior import load_or_compute_priors
+from .runs import RunFolder, atomic_write_json, peak_rss_bytes, read_json, stage
+from .synthesis import distill, random_subset
+from .train import load_committee, member_fingerprint, pretrain_committee, seed_for
+from .voting import prior_weights
+
+log = logging.getLogger(__name__)
+
+
+def load_distilled(run: RunFolder, method: str) -> dict:
+    path = run.distilled_dir(method) / "images.pt"
+    if not path.is_file():
+        from .errors import CvddError
+
+        raise CvddError(f"no distilled set for method {method!r} at {str(path)!r}; run `cvdd distill` first")
+    return torch.load(path, weights_only=False)
+
+
+def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
+                  methods: list[str], callback=None) -> dict[str, dict]:
+    """Distil with every method in `methods`; the random subset is drawn, not optimised."""
+    committee = None
+    outputs = {}
+    member_ids = {m: member_fingerprint(cfg, dataset, m) for m in cfg.committee.members}
+    for method in methods:
+        out_dir = run.distilled_dir(method)
+        if method == "random":
+            outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir)
+            continue
+        if committee is None:
+            committee = load_committee(cfg, dataset, run, device)
+        outputs[method] = distill(method, committee, priors, dataset, cfg.synthesis, out_dir, device,
+                                  seed=cfg.seed, single_member=cfg.single_member, callback=callback,
+                                  member_ids=member_ids)
+        log.info("distilled %d images with %s in %.1f s", len(outputs[method]["images"]), method,
+                 outputs[method]["seconds"])
+    return outputs
+
+
+def teachers_for(method: str, cfg: RunConfig, committee: dict, priors: dict) -> Committee:
+    """The soft-label teachers of a method.
+
+    sre2l and sre2l++ relabel with their single member; cvdd and the random subset with the
+    whole committee weighted by softmax(alpha / T), so that the random subset is judged under
+    exactly the protocol of the method it is compared with.
+    """
+    if method in ("sre2l", "sre2l++"):
+        name = cfg.single_member
+        return Committee({name: committee[name]}, torch.ones(1), [])
+    names = list(committee)
+    weights = prior_weights([priors[n] for n in names], cfg.synthesis.temperature)
+    return Committee(dict(committee), weights, [])
+
+
+def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, priors: dict, methods: list[str],
+                     committee: dict) -> list[dict]:
+    """List every (method, student, label mode, seed) item with its output path and fingerprint."""
+    width = cfg.evaluate.student_width or cfg.committee.width
+    member_ids = {m: member_fingerprint(cfg, dataset, m) for m in cfg.committee.members}
+    jobs = []
+    for method in methods:
+        distilled = load_distilled(run, method)
+        check_class_names(distilled, dataset)
+        teachers = teachers_for(method, cfg, committee, priors)
+        for student in cfg.evaluate.students:
+            for mode in cfg.evaluate.label_modes:
+                for seed in cfg.evaluate.seeds:
+                    key = fingerprint(distilled["fingerprint"], method_eval_config(cfg, method), student, width, mode,
+                                      seed, list(teachers.teachers), teachers.weights.tolist(),
+                                      {m: member_ids[m] for m in teachers.teachers})
+                    jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
+                                 "path": str(run.root / "eval" / method / f"{student}-{mode}-seed{seed}.json")})
+    return jobs
+
+
+def method_eval_config(cfg: RunConfig, method: str):
+    """SRe2L relabels with running BN statistics; every later method uses BSSL."""
+    if method == "sre2l" and cfg.evaluate.bssl:
+        import dataclasses
+
+        return dataclasses.replace(cfg.evaluate, bssl=False)
+    return cfg.evaluate
+
+
+def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict, committee: dict,
+             job: dict) -> dict:
+    distilled = load_distilled(run, job["method"])
+    teachers = teachers_for(job["method"], cfg, committee, priors)
+    width = cfg.evaluate.student_width or cfg.committee.width
+    result = train_student(
+        distilled["images"], distilled["labels"], dataset, method_eval_config(cfg, job["method"]), job["student"],
+        width, device, seed_for(job["seed"], "student", job["method"], job["student"]), committee=teachers,
+        label_mode=job["mode"], desc=f"{job['method']} {job['student']} {job['mode']} seed {job['seed']}",
+    )
+    result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"]})
+    atomic_write_json(job["path"], result)
+    return result
+
+
+_WORKER_STATE: dict = {}
+
+
+def _worker_init(cfg_data: dict, device_name: str, priors: dict) -> None:
+    from .config import config_from_dict
+    from .data import load_dataset
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_data)
+    dataset = load_dataset(cfg.data)
+    run = RunFolder(cfg.resolved_run_dir())
+    device = torch.device(device_name)
+    _WORKER_STATE.update(cfg=cfg, dataset=dataset, run=run, device=device, priors=priors,
+                         committee=load_committee(cfg, dataset, run, device))
+
+
+def _worker_job(job: dict) -> dict:
+    state = _WORKER_STATE
+    return _run_job(state["cfg"], state["dataset"], state["run"], state["device"], state["priors"],
+                    state["committee"], job)
+
+
+def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
+                   methods: list[str]) -> list[dict]:
+    """Train every student, seed and label mode on every method's distilled set.
+
+    Items whose result file exists with the same fingerprint are read back, not retrained.
+    With `evaluate.workers` above 1 on the CPU, the remaining items train in that many
+    processes of one thread each. Every item seeds its own generators, so the order in
+    which items run does not change their results.
+    """
+    from .config import config_to_dict
+
+    committee = load_committee(cfg, dataset, run, device)
+    jobs = _evaluation_jobs(cfg, dataset, run, priors, methods, committee)
+    done: dict[str, dict] = {}
+    pending = []
+    for job in jobs:
+        path = Path(job["path"])
+        if path.is_file():
+            saved = read_json(path)
+            if saved.get("fingerprint") == job["key"]:
+                done[job["path"]] = saved
+                continue
+        pending.append(job)
+    if pending:
+        log.info("post-evaluation: %d of %d items to train (%d reused)", len(pending), len(jobs), len(done))
+
+    def report(result):
+        log.info("%s / %s / %s label / seed %d: final top-1 %.4f (best %.4f at epoch %d)", result["method"],
+                 result["student"], result["label_mode"], result["seed"], result["top1"], result["best_top1"],
+                 result["best_epoch"])
+
+    workers = min(cfg.evaluate.workers, len(pending))
+    if workers > 1 and device.type == "cpu":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        cfg_data = config_to_dict(cfg)
+        cfg_data["run_dir"] = str(run.root)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(cfg_data, "cpu", priors)) as pool:
+            for job, result in zip(pending, pool.map(_worker_job, pending)):
+                done[job["path"]] = result
+                report(result)
+    else:
+        for job in pending:
+            result = _run_job(cfg, dataset, run, device, priors, committee, job)
+            done[job["path"]] = result
+            report(result)
+    return [done[job["path"]] for job in jobs]
+
+
+def summarize(results: list[dict], cfg: RunConfig, dataset: ImageDataset, priors: dict,
+              timings: dict, peaks: dict | None = None) -> dict:
+    """Build metrics.json: mean and sample standard deviation over seeds per method, student, mode."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["student"], r["label_mode"]), []).append(r)
+    rows = []
+    for (method, student, mode), items in groups.items():
+        items = sorted(items, key=lambda r: r["seed"])
+        top1 = [r["top1"] for r in items]
+        best = [r["best_top1"] for r in items]
+        rows.append({
+            "method": method, "student": student, "ipc": items[0]["ipc"], "label_mode": mode,
+            "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "top1_per_seed": top1, "best_top1_mean": statistics.fmean(best), "seeds": [r["seed"] for r in items],
+        })
+    return {
+        "dataset": dataset.name, "ipc": cfg.synthesis.ipc, "results": rows,
+        "priors": priors, "temperature": cfg.synthesis.temperature,
+        "std": "sample standard deviation over seeds (ddof=1)",
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "stage_peak_rss_bytes": peaks or {},
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def format_results(metrics: dict) -> str:
+    lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch test top-1, mean ± std over seeds)",
+             "| method | student | soft label | hard label |", "|---|---|---|---|"]
+    table: dict[tuple, dict] = {}
+    for row in metrics["results"]:
+        table.setdefault((row["method"], row["student"]), {})[row["label_mode"]] = row
+    for (method, student), modes in table.items():
+        cells = []
+        for mode in ("soft", "hard"):
+            r = modes.get(mode)
+            cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r else "-")
+        lines.append(f"| {method} | {student} | {cells[0]} | {cells[1]} |")
+    if metrics.get("priors"):
+        lines.append("priors (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["priors"].items()))
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, callback=None) -> dict:
+    """Run every stage of `cfg` in `run` and write metrics.json."""
+    timings: dict = {}
+    peaks: dict = {}
+    with stage("committee", timings):
+        pretrain_committee(cfg, dataset, run, device)
+    peaks["committee"] = peak_rss_bytes()
+    priors: dict = {}
+    if any(m in cfg.methods for m in ("cvdd", "random")):
+        with stage("prior", timings):
+            priors = load_or_compute_priors(cfg, dataset, run, device)
+        peaks["prior"] = peak_rss_bytes()
+    with stage("synthesis", timings):
+        run_synthesis(cfg, dataset, run, device, priors, list(cfg.methods), callback=callback)
+    peaks["synthesis"] = peak_rss_bytes()
+    with stage("evaluate", timings):
+        results = run_evaluation(cfg, dataset, run, device, priors, list(cfg.methods))
+    peaks["evaluate"] = peak_rss_bytes()
+    metrics = summarize(results, cfg, dataset, priors, timings, peaks)
+    atomic_write_json(run.metrics_path, metrics)
+    return metrics

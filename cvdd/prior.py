@@ -1,0 +1,123 @@
+"""Prior performance by distill-and-evaluate (Algorithm 1, `cvdd prior`).
+
+For each member: split the training set 80/20 with a seed, train the member on the 80%,
+distil a set with that member alone under SRe2L++ settings at a fixed IPC (the same for
+every member), train a fresh student on it with KL to that member, and take the
+student's top-1 on the 20%, in percent, as the member's prior alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from .config import RunConfig, config_to_dict, fingerprint
+from .data import ImageDataset, SubsetSplit, stratified_split
+from .evaluate import Committee, train_student
+from .models import checkpoint_payload, create_model, load_checkpoint
+from .runs import RunFolder, atomic_torch_save, atomic_write_json, read_json
+from .synthesis import distill
+from .train import seed_for, train_model
+
+log = logging.getLogger(__name__)
+
+
+def prior_fingerprint(cfg: RunConfig, dataset: ImageDataset) -> str:
+    return fingerprint("prior", cfg.prior, cfg.committee, cfg.train, cfg.synthesis, cfg.evaluate,
+                       dataset.identity, cfg.seed)
+
+
+def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
+                           compute: bool = True) -> dict[str, float]:
+    """Return {member: alpha in percent} from the config, from priors.json, or computed now.
+
+    Priors given in `prior.values` take precedence and the log says so. Otherwise a
+    priors.json made with the same settings is reused. With `compute=False` a missing
+    priors.json is an error.
+    """
+    members = cfg.committee.members
+    if cfg.prior.values:
+        log.info("using the priors given in the config (prior.values), not computing them: %s",
+                 {m: cfg.prior.values[m] for m in members})
+        return {m: float(cfg.prior.values[m]) for m in members}
+    key = prior_fingerprint(cfg, dataset)
+    if run.priors_path.is_file():
+        saved = read_json(run.priors_path)
+        if saved.get("fingerprint") == key and all(m in saved.get("alpha", {}) for m in members):
+            log.info("reusing priors from %s: %s", run.priors_path, saved["alpha"])
+            return {m: float(saved["alpha"][m]) for m in members}
+        if not compute:
+            log.warning("priors.json in %s was made with other settings", run.root)
+    if not compute:
+        from .errors import CvddError
+
+        raise CvddError(
+            f"no prior for member(s) {members} and no matching priors.json in {str(run.root)!r}; "
+            "run `cvdd prior` first or set prior.values"
+        )
+    return compute_priors(cfg, dataset, run, device)["alpha"]
+
+
+def compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device) -> dict:
+    """Run Algorithm 1 for every member and write priors.json."""
+    pcfg = cfg.prior
+    train_idx, eval_idx = stratified_split(dataset.train.labels, pcfg.train_fraction, pcfg.split_seed)
+    eval_split = SubsetSplit(dataset.train, eval_idx)
+    synthesis_cfg = dataclasses.replace(cfg.synthesis, ipc=pcfg.ipc,
+                                        iterations=pcfg.iterations or cfg.synthesis.iterations)
+    eval_cfg = dataclasses.replace(cfg.evaluate, epochs=pcfg.student_epochs or cfg.evaluate.epochs,
+                                   eval_every=pcfg.student_epochs or cfg.evaluate.epochs)
+    student_width = cfg.evaluate.student_width or cfg.committee.width
+    key = prior_fingerprint(cfg, dataset)
+    details = {}
+    for arch in cfg.committee.members:
+        start = time.perf_counter()
+        member_cfg = cfg.member_train(arch)
+        if pcfg.member_epochs is not None:
+            member_cfg = dataclasses.replace(member_cfg, epochs=pcfg.member_epochs)
+        member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
+                                 pcfg.train_fraction, pcfg.split_seed, cfg.seed)
+        path = run.root / "prior" / "committee" / f"{arch}.pt"
+        model = None
+        if path.is_file():
+            model, meta = load_checkpoint(path, dataset)
+            if meta["config"].get("fingerprint") != member_key:
+                model = None
+        if model is None:
+            torch.manual_seed(seed_for(cfg.seed, "prior-init", arch))
+            model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size,
+                                 cfg.member_width(arch))
+            train_model(model, dataset, member_cfg, device, seed_for(cfg.seed, "prior-train", arch),
+                        indices=train_idx, desc=f"prior {arch}")
+            payload = checkpoint_payload(model, arch=arch, width=cfg.member_width(arch), dataset=dataset,
+                                         accuracy=None, config={"fingerprint": member_key,
+                                                                "train": config_to_dict(member_cfg)})
+            atomic_torch_save(payload, path)
+        model.to(device).eval().requires_grad_(False)
+
+        distilled = distill("sre2l++", {arch: model}, {}, dataset, synthesis_cfg,
+                            run.root / "prior" / "distilled" / arch, device, seed=cfg.seed,
+                            single_member=arch, member_ids={arch: member_key}, train_indices=train_idx)
+        committee = Committee({arch: model}, torch.ones(1), list(dataset.class_names))
+        result = train_student(distilled["images"], distilled["labels"], dataset, eval_cfg, pcfg.student,
+                               student_width, device, seed_for(cfg.seed, "prior-student", arch),
+                               committee=committee, label_mode="soft", test_split=eval_split,
+                               desc=f"prior student {arch}")
+        alpha = 100.0 * result["top1"]
+        details[arch] = {"alpha": alpha, "seconds": time.perf_counter() - start}
+        log.info("prior of %s: alpha = %.2f%% (student %s on the held-out %d images)", arch, alpha,
+                 pcfg.student, len(eval_idx))
+
+    priors = {
+        "alpha": {arch: d["alpha"] for arch, d in details.items()},
+        "ipc": pcfg.ipc, "student": pcfg.student, "student_width": student_width,
+        "split_seed": pcfg.split_seed, "train_fraction": pcfg.train_fraction,
+        "train_images": len(train_idx), "eval_images": len(eval_idx),
+        "synthesis_iterations": synthesis_cfg.iterations, "student_epochs": eval_cfg.epochs,
+        "seed": cfg.seed, "fingerprint": key, "members": details,
+    }
+    atomic_write_json(run.priors_path, priors)
+    return priors
