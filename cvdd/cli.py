@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,12 @@ def _resolve_config(args) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _prepare(args):
-    """Validate the config, load the data, then create the run folder and its log."""
+def _prepare(args, checks=None):
+    """Validate the config, load the data, then create the run folder and its log.
+
+    `checks(cfg, dataset, run)` runs before anything is written, so bad input leaves the
+    run folder as it was.
+    """
     from .data import load_dataset
     from .runs import RunFolder, atomic_write_text, resolve_device, setup_logging
 
@@ -49,6 +54,9 @@ def _prepare(args):
     dataset = load_dataset(cfg.data)
     run = RunFolder(cfg.resolved_run_dir())
     _check_existing_checkpoints(cfg, dataset, run)
+    _check_stage_inputs(cfg, dataset)
+    if checks is not None:
+        checks(cfg, dataset, run)
     run.create()
     setup_logging(run.log_path)
     atomic_write_text(run.config_path, config_to_yaml(cfg))
@@ -70,6 +78,55 @@ def _check_existing_checkpoints(cfg, dataset, run) -> None:
                 check_checkpoint_matches(meta, dataset, repr(str(path)))
 
 
+def _check_stage_inputs(cfg, dataset) -> None:
+    """Reject settings that would fail mid-run: IPC above a class size, BN matching without BN."""
+    import torch
+
+    from .errors import DataError
+    from .models import create_model, has_batchnorm
+    from .synthesis import resolve_init
+
+    uses_real = "random" in cfg.methods or any(
+        resolve_init(m, cfg.synthesis) == "real" for m in cfg.methods if m != "random"
+    )
+    if uses_real:
+        smallest = int(torch.bincount(dataset.train.labels, minlength=dataset.num_classes).min())
+        if cfg.synthesis.ipc > smallest:
+            raise DataError(
+                f"synthesis.ipc={cfg.synthesis.ipc} exceeds the smallest class of {dataset.name!r} "
+                f"({smallest} training images) and real-image initialisation needs distinct images; "
+                f"use ipc <= {smallest} or synthesis.init=noise"
+            )
+    if cfg.synthesis.r_bn > 0 and any(m != "random" for m in cfg.methods):
+        users = cfg.committee.members if "cvdd" in cfg.methods else [cfg.single_member]
+        for arch in users:
+            model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size,
+                                 cfg.member_width(arch))
+            if not has_batchnorm(model):
+                raise CvddError(
+                    f"committee member {arch!r} has no BatchNorm layers, so BN matching cannot use it; "
+                    "choose a member with BatchNorm or set synthesis.r_bn=0"
+                )
+
+
+def _check_priors_available(cfg, dataset, run) -> None:
+    from .prior import prior_fingerprint
+    from .runs import read_json
+
+    if cfg.prior.values:
+        return
+    if run.priors_path.is_file():
+        saved = read_json(run.priors_path)
+        if saved.get("fingerprint") == prior_fingerprint(cfg, dataset) and all(
+            m in saved.get("alpha", {}) for m in cfg.committee.members
+        ):
+            return
+    raise CvddError(
+        f"committee members {cfg.committee.members} have no prior: prior.values is empty and there is no "
+        f"matching priors.json in {str(run.root)!r}; run `cvdd prior` first or set prior.values"
+    )
+
+
 def cmd_pretrain(args) -> int:
     from .runs import stage
     from .train import pretrain_committee
@@ -78,8 +135,34 @@ def cmd_pretrain(args) -> int:
     timings: dict = {}
     with stage("committee", timings):
         results = pretrain_committee(cfg, dataset, run, device)
-    print(format_committee_table(results))
+    table = format_committee_table(results)
+    print(table)
+    if args.report:
+        from .runs import atomic_write_text
+
+        total = sum(r["seconds"] for r in results.values())
+        best = max(results.values(), key=lambda r: r["top1"])["top1"]
+        text = (
+            f"# Committee of `{cfg.name}`\n\n"
+            f"Dataset: {dataset.describe()}.\n\n"
+            f"Command: `cvdd {' '.join(sys.argv[1:]) if argv_is_cli() else 'pretrain --config ' + str(args.config)}`\n\n"
+            f"{table}\n\n"
+            f"Training seconds are the sum of the epoch times of each member, measured on this machine "
+            f"({os.cpu_count()} CPU cores, torch threads {torch_threads()}, device {device}). "
+            f"Total: {total / 60:.1f} minutes; best member: {100 * best:.2f}% test top-1.\n"
+        )
+        atomic_write_text(args.report, text)
     return 0
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("cvdd", "__main__.py")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def format_committee_table(results: dict) -> str:
@@ -116,7 +199,11 @@ def cmd_distill(args) -> int:
     from .prior import load_or_compute_priors
     from .runs import stage
 
-    cfg, dataset, run, device = _prepare(args)
+    def checks(cfg, dataset, run):
+        if "cvdd" in _methods(args, cfg):
+            _check_priors_available(cfg, dataset, run)
+
+    cfg, dataset, run, device = _prepare(args, checks)
     methods = _methods(args, cfg)
     priors = load_or_compute_priors(cfg, dataset, run, device, compute=False) if "cvdd" in methods else {}
     with stage("synthesis"):
@@ -131,7 +218,11 @@ def cmd_evaluate(args) -> int:
     from .prior import load_or_compute_priors
     from .runs import stage
 
-    cfg, dataset, run, device = _prepare(args)
+    def checks(cfg, dataset, run):
+        if any(m in ("cvdd", "random") for m in _methods(args, cfg)):
+            _check_priors_available(cfg, dataset, run)
+
+    cfg, dataset, run, device = _prepare(args, checks)
     methods = _methods(args, cfg)
     needs_priors = any(m in ("cvdd", "random") for m in methods)
     priors = load_or_compute_priors(cfg, dataset, run, device, compute=False) if needs_priors else {}
@@ -175,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_common(p)
+        if name == "pretrain":
+            p.add_argument("--report", help="also write the committee table as Markdown to this file")
         if name in ("distill", "evaluate"):
             p.add_argument("--method", action="append", help="method to run (repeatable; default: config methods)")
         p.set_defaults(func=func)

@@ -172,8 +172,6 @@ class EvalConfig:
     soft_label_space: Literal["prob", "logit"] = "prob"
     # Test top-1 is measured every this many epochs and at the last epoch.
     eval_every: int = _num(50, 1)
-    # Worker processes that train students in parallel, one thread each; 1 trains in this process.
-    workers: int = _num(1, 1)
 
 
 @dataclass
@@ -203,6 +201,8 @@ class RunConfig:
     run_dir: Optional[str] = None
     seed: int = _num(0, 0)
     device: str = "auto"
+    # CPU processes (one thread each) that train members, priors and students in parallel.
+    workers: int = _num(1, 1)
     data: DataConfig = field(default_factory=DataConfig)
     committee: CommitteeConfig = field(default_factory=CommitteeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -19,7 +19,9 @@ from .evaluate import Committee, check_class_names, train_student
 from .prior import load_or_compute_priors
 from .runs import RunFolder, atomic_write_json, peak_rss_bytes, read_json, stage
 from .synthesis import distill, random_subset
-from .train import load_committee, member_fingerprint, pretrain_committee, seed_for
+from .train import (
+    build_context, load_committee, member_fingerprint, pretrain_committee, seed_for, worker_config_data, workers_for,
+)
 from .voting import prior_weights
 
 log = logging.getLogger(__name__)
@@ -115,26 +117,19 @@ def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, prio
     return result
 
 
-_WORKER_STATE: dict = {}
+def _evaluation_job(context: dict, job: dict) -> dict:
+    committee = context.get("committee")
+    if committee is None:
+        committee = context["committee"] = load_committee(context["cfg"], context["dataset"], context["run"],
+                                                          context["device"])
+    return _run_job(context["cfg"], context["dataset"], context["run"], context["device"], context["priors"],
+                    committee, job)
 
 
-def _worker_init(cfg_data: dict, device_name: str, priors: dict) -> None:
-    from .config import config_from_dict
-    from .data import load_dataset
-
-    torch.set_num_threads(1)
-    cfg = config_from_dict(cfg_data)
-    dataset = load_dataset(cfg.data)
-    run = RunFolder(cfg.resolved_run_dir())
-    device = torch.device(device_name)
-    _WORKER_STATE.update(cfg=cfg, dataset=dataset, run=run, device=device, priors=priors,
-                         committee=load_committee(cfg, dataset, run, device))
-
-
-def _worker_job(job: dict) -> dict:
-    state = _WORKER_STATE
-    return _run_job(state["cfg"], state["dataset"], state["run"], state["device"], state["priors"],
-                    state["committee"], job)
+def _evaluation_context(cfg_data: dict, priors: dict) -> dict:
+    context = build_context(cfg_data)
+    context["priors"] = priors
+    return context
 
 
 def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
@@ -142,11 +137,10 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
     """Train every student, seed and label mode on every method's distilled set.
 
     Items whose result file exists with the same fingerprint are read back, not retrained.
-    With `evaluate.workers` above 1 on the CPU, the remaining items train in that many
-    processes of one thread each. Every item seeds its own generators, so the order in
-    which items run does not change their results.
+    With `workers` above 1 on the CPU, the remaining items train in that many processes
+    of one thread each (see cvdd.parallel).
     """
-    from .config import config_to_dict
+    from .parallel import map_jobs
 
     committee = load_committee(cfg, dataset, run, device)
     jobs = _evaluation_jobs(cfg, dataset, run, priors, methods, committee)
@@ -168,24 +162,13 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
                  result["student"], result["label_mode"], result["seed"], result["top1"], result["best_top1"],
                  result["best_epoch"])
 
-    workers = min(cfg.evaluate.workers, len(pending))
-    if workers > 1 and device.type == "cpu":
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context("spawn")
-        cfg_data = config_to_dict(cfg)
-        cfg_data["run_dir"] = str(run.root)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(cfg_data, "cpu", priors)) as pool:
-            for job, result in zip(pending, pool.map(_worker_job, pending)):
-                done[job["path"]] = result
-                report(result)
-    else:
-        for job in pending:
-            result = _run_job(cfg, dataset, run, device, priors, committee, job)
-            done[job["path"]] = result
-            report(result)
+    context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device, "priors": priors,
+               "committee": committee}
+    trained = map_jobs(_evaluation_job, pending, _evaluation_context, (worker_config_data(cfg, run), priors),
+                       workers_for(cfg, device), in_process_context=context)
+    for job, result in zip(pending, trained):
+        done[job["path"]] = result
+        report(result)
     return [done[job["path"]] for job in jobs]
 
 

@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def prior_fingerprint(cfg: RunConfig, dataset: ImageDataset) -> str:
-    return fingerprint("prior", cfg.prior, cfg.committee, cfg.train, cfg.synthesis, cfg.evaluate,
-                       dataset.identity, cfg.seed)
+    """Identify the settings that priors.json depends on (not the main run's seeds or students)."""
+    _, _, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
+    eval_part = {k: v for k, v in config_to_dict(eval_cfg).items() if k not in ("seeds", "students", "label_modes")}
+    members = {m: (cfg.member_width(m), config_to_dict(cfg.member_train(m))) for m in cfg.committee.members}
+    return fingerprint("prior", cfg.prior, members, synthesis_cfg, eval_part, dataset.identity, cfg.seed)
 
 
 def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
@@ -61,63 +64,80 @@ def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder
     return compute_priors(cfg, dataset, run, device)["alpha"]
 
 
-def compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device) -> dict:
-    """Run Algorithm 1 for every member and write priors.json."""
+def _prior_settings(cfg: RunConfig, dataset: ImageDataset):
     pcfg = cfg.prior
     train_idx, eval_idx = stratified_split(dataset.train.labels, pcfg.train_fraction, pcfg.split_seed)
-    eval_split = SubsetSplit(dataset.train, eval_idx)
     synthesis_cfg = dataclasses.replace(cfg.synthesis, ipc=pcfg.ipc,
                                         iterations=pcfg.iterations or cfg.synthesis.iterations)
     eval_cfg = dataclasses.replace(cfg.evaluate, epochs=pcfg.student_epochs or cfg.evaluate.epochs,
                                    eval_every=pcfg.student_epochs or cfg.evaluate.epochs)
+    return train_idx, eval_idx, synthesis_cfg, eval_cfg
+
+
+def _prior_member(context: dict, arch: str) -> dict:
+    """Algorithm 1 for one member: train on the 80%, distil alone, train a student, test on the 20%."""
+    cfg, dataset, run, device = context["cfg"], context["dataset"], context["run"], context["device"]
+    pcfg = cfg.prior
+    train_idx, eval_idx, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
     student_width = cfg.evaluate.student_width or cfg.committee.width
-    key = prior_fingerprint(cfg, dataset)
-    details = {}
-    for arch in cfg.committee.members:
-        start = time.perf_counter()
-        member_cfg = cfg.member_train(arch)
-        if pcfg.member_epochs is not None:
-            member_cfg = dataclasses.replace(member_cfg, epochs=pcfg.member_epochs)
-        member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
-                                 pcfg.train_fraction, pcfg.split_seed, cfg.seed)
-        path = run.root / "prior" / "committee" / f"{arch}.pt"
-        model = None
-        if path.is_file():
-            model, meta = load_checkpoint(path, dataset)
-            if meta["config"].get("fingerprint") != member_key:
-                model = None
-        if model is None:
-            torch.manual_seed(seed_for(cfg.seed, "prior-init", arch))
-            model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size,
-                                 cfg.member_width(arch))
-            train_model(model, dataset, member_cfg, device, seed_for(cfg.seed, "prior-train", arch),
-                        indices=train_idx, desc=f"prior {arch}")
-            payload = checkpoint_payload(model, arch=arch, width=cfg.member_width(arch), dataset=dataset,
-                                         accuracy=None, config={"fingerprint": member_key,
-                                                                "train": config_to_dict(member_cfg)})
-            atomic_torch_save(payload, path)
-        model.to(device).eval().requires_grad_(False)
+    start = time.perf_counter()
+    member_cfg = cfg.member_train(arch)
+    if pcfg.member_epochs is not None:
+        member_cfg = dataclasses.replace(member_cfg, epochs=pcfg.member_epochs)
+    member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
+                             pcfg.train_fraction, pcfg.split_seed, cfg.seed)
+    path = run.root / "prior" / "committee" / f"{arch}.pt"
+    model = None
+    if path.is_file():
+        model, meta = load_checkpoint(path, dataset)
+        if meta["config"].get("fingerprint") != member_key:
+            model = None
+    if model is None:
+        torch.manual_seed(seed_for(cfg.seed, "prior-init", arch))
+        model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size, cfg.member_width(arch))
+        train_model(model, dataset, member_cfg, device, seed_for(cfg.seed, "prior-train", arch),
+                    indices=train_idx, desc=f"prior {arch}", state_path=path.with_suffix(".partial.pt"),
+                    state_key=member_key)
+        payload = checkpoint_payload(model, arch=arch, width=cfg.member_width(arch), dataset=dataset,
+                                     accuracy=None, config={"fingerprint": member_key,
+                                                            "train": config_to_dict(member_cfg)})
+        atomic_torch_save(payload, path)
+        path.with_suffix(".partial.pt").unlink(missing_ok=True)
+    model.to(device).eval().requires_grad_(False)
 
-        distilled = distill("sre2l++", {arch: model}, {}, dataset, synthesis_cfg,
-                            run.root / "prior" / "distilled" / arch, device, seed=cfg.seed,
-                            single_member=arch, member_ids={arch: member_key}, train_indices=train_idx)
-        committee = Committee({arch: model}, torch.ones(1), list(dataset.class_names))
-        result = train_student(distilled["images"], distilled["labels"], dataset, eval_cfg, pcfg.student,
-                               student_width, device, seed_for(cfg.seed, "prior-student", arch),
-                               committee=committee, label_mode="soft", test_split=eval_split,
-                               desc=f"prior student {arch}")
-        alpha = 100.0 * result["top1"]
-        details[arch] = {"alpha": alpha, "seconds": time.perf_counter() - start}
-        log.info("prior of %s: alpha = %.2f%% (student %s on the held-out %d images)", arch, alpha,
-                 pcfg.student, len(eval_idx))
+    distilled = distill("sre2l++", {arch: model}, {}, dataset, synthesis_cfg,
+                        run.root / "prior" / "distilled" / arch, device, seed=cfg.seed,
+                        single_member=arch, member_ids={arch: member_key}, train_indices=train_idx)
+    committee = Committee({arch: model}, torch.ones(1), list(dataset.class_names))
+    result = train_student(distilled["images"], distilled["labels"], dataset, eval_cfg, pcfg.student,
+                           student_width, device, seed_for(cfg.seed, "prior-student", arch),
+                           committee=committee, label_mode="soft", test_split=SubsetSplit(dataset.train, eval_idx),
+                           desc=f"prior student {arch}")
+    alpha = 100.0 * result["top1"]
+    log.info("prior of %s: alpha = %.2f%% (student %s on the held-out %d images)", arch, alpha,
+             pcfg.student, len(eval_idx))
+    return {"alpha": alpha, "seconds": time.perf_counter() - start}
 
+
+def compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device) -> dict:
+    """Run Algorithm 1 for every member (in parallel processes with `workers` > 1) and write priors.json."""
+    from .parallel import map_jobs
+    from .train import build_context, worker_config_data, workers_for
+
+    pcfg = cfg.prior
+    train_idx, eval_idx, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
+    members = list(cfg.committee.members)
+    context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device}
+    outcomes = map_jobs(_prior_member, members, build_context, (worker_config_data(cfg, run),),
+                        workers_for(cfg, device), in_process_context=context)
+    details = dict(zip(members, outcomes))
     priors = {
         "alpha": {arch: d["alpha"] for arch, d in details.items()},
-        "ipc": pcfg.ipc, "student": pcfg.student, "student_width": student_width,
+        "ipc": pcfg.ipc, "student": pcfg.student, "student_width": cfg.evaluate.student_width or cfg.committee.width,
         "split_seed": pcfg.split_seed, "train_fraction": pcfg.train_fraction,
         "train_images": len(train_idx), "eval_images": len(eval_idx),
         "synthesis_iterations": synthesis_cfg.iterations, "student_epochs": eval_cfg.epochs,
-        "seed": cfg.seed, "fingerprint": key, "members": details,
+        "seed": cfg.seed, "fingerprint": prior_fingerprint(cfg, dataset), "members": details,
     }
     atomic_write_json(run.priors_path, priors)
     return priors

@@ -242,7 +242,9 @@ def distill(
         )
 
     needs_bn = cfg.r_bn > 0
-    experts_all = {n: Expert(n, committee[n], float(priors.get(n, 0.0)), needs_bn) for n in draws_from}
+    if needs_bn:
+        for name in draws_from:
+            require_batchnorm(committee[name], name)
     init = resolve_init(method, cfg)
     use_crop = not (method == "sre2l" and dataset.image_size <= 64)
     key = synthesis_fingerprint(method, cfg, dataset, draws_from, priors, seed, member_ids or {})
@@ -255,10 +257,16 @@ def distill(
         chosen = sample_per_class(labels, dataset.num_classes, cfg.ipc, init_generator)
         real_indices = chosen if train_indices is None else train_indices[chosen]
 
+    for name in draws_from:
+        committee[name].eval().requires_grad_(False)
+    # Hooks are attached only after every check above passed, and removed in the finally block.
+    experts_all: dict[str, Expert] = {}
     item_dir = out_dir / "items"
     all_rows: list[dict] = []
     start = time.perf_counter()
     try:
+        for name in draws_from:
+            experts_all[name] = Expert(name, committee[name], float(priors.get(name, 0.0)), needs_bn)
         bar = tqdm(items, desc=f"distill {method}", leave=False)
         for item in bar:
             path = item_dir / f"{item.name}.pt"

@@ -167,51 +167,86 @@ def _existing_checkpoint_matches(path, expected: str) -> bool:
     return isinstance(payload, dict) and payload.get("config", {}).get("fingerprint") == expected
 
 
+def build_context(cfg_data: dict) -> dict:
+    """Config, dataset, run folder and CPU device for a worker process (see cvdd.parallel)."""
+    from .config import config_from_dict
+    from .data import load_dataset
+
+    cfg = config_from_dict(cfg_data)
+    return {"cfg": cfg, "dataset": load_dataset(cfg.data), "run": RunFolder(cfg.resolved_run_dir()),
+            "device": torch.device("cpu")}
+
+
+def worker_config_data(cfg: RunConfig, run: RunFolder) -> dict:
+    """Plain config data for worker processes, with the run folder fixed to `run`."""
+    data = config_to_dict(cfg)
+    data["run_dir"] = str(run.root)
+    return data
+
+
+def workers_for(cfg: RunConfig, device: torch.device) -> int:
+    return cfg.workers if device.type == "cpu" else 1
+
+
+def _train_member(context: dict, arch: str) -> dict:
+    """Train one member from scratch (or from its per-epoch state) and save its checkpoint."""
+    cfg, dataset, run, device = context["cfg"], context["dataset"], context["run"], context["device"]
+    path = run.member_path(arch)
+    expected = member_fingerprint(cfg, dataset, arch)
+    train_cfg = cfg.member_train(arch)
+    width = cfg.member_width(arch)
+    torch.manual_seed(seed_for(cfg.seed, "init", arch))
+    model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size, width)
+    log.info("member %s: width %g, %d parameters, %d epochs", arch, width, count_parameters(model),
+             train_cfg.epochs)
+    partial = path.with_suffix(".partial.pt")
+    history = train_model(model, dataset, train_cfg, device, seed_for(cfg.seed, "train", arch), desc=arch,
+                          state_path=partial, state_key=expected)
+    seconds = sum(h["seconds"] for h in history)
+    top1 = evaluate_top1(model, dataset.test, dataset, device, train_cfg.eval_batch_size, train_cfg.precision)
+    log.info("member %s: test top-1 %.4f after %.1f s of training", arch, top1, seconds)
+    meta_config = {
+        "fingerprint": expected, "train": config_to_dict(train_cfg), "seed": cfg.seed,
+        "dataset_identity": dataset.identity, "seconds": seconds, "history": history,
+        "torch_threads": torch.get_num_threads(),
+    }
+    payload = checkpoint_payload(model, arch=arch, width=width, dataset=dataset, accuracy=top1, config=meta_config)
+    atomic_torch_save(payload, path)
+    lines = ["epoch,loss,train_top1,seconds"] + [
+        f"{h['epoch']},{h['loss']:.6f},{h['train_top1']:.6f},{h['seconds']:.2f}" for h in history
+    ]
+    atomic_write_text(path.with_suffix(".csv"), "\n".join(lines) + "\n")
+    partial.unlink(missing_ok=True)
+    return {"top1": top1, "seconds": seconds, "parameters": count_parameters(model), "skipped": False}
+
+
 def pretrain_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device: torch.device) -> dict:
     """Train every committee member the config lists and save one checkpoint each.
 
-    A member whose checkpoint exists and was made with the same config is skipped.
+    A member whose checkpoint exists and was made with the same config is skipped. With
+    `cfg.workers` above 1 on the CPU, members train in parallel processes.
     Returns {arch: {"top1", "seconds", "parameters", "skipped"}}.
     """
+    from .parallel import map_jobs
+
     results = {}
+    pending = []
     for arch in cfg.committee.members:
         path = run.member_path(arch)
-        expected = member_fingerprint(cfg, dataset, arch)
-        if _existing_checkpoint_matches(path, expected):
+        if _existing_checkpoint_matches(path, member_fingerprint(cfg, dataset, arch)):
             model, meta = load_checkpoint(path, dataset)
             log.info("member %s: checkpoint %s matches the config, skipped (top-1 %.4f)", arch, path, meta["accuracy"])
             results[arch] = {
                 "top1": meta["accuracy"], "seconds": meta["config"].get("seconds", 0.0),
                 "parameters": count_parameters(model), "skipped": True,
             }
-            continue
-
-        train_cfg = cfg.member_train(arch)
-        width = cfg.member_width(arch)
-        torch.manual_seed(seed_for(cfg.seed, "init", arch))
-        model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size, width)
-        log.info("member %s: width %g, %d parameters, %d epochs", arch, width, count_parameters(model),
-                 train_cfg.epochs)
-        partial = path.with_suffix(".partial.pt")
-        history = train_model(model, dataset, train_cfg, device, seed_for(cfg.seed, "train", arch), desc=arch,
-                              state_path=partial, state_key=expected)
-        seconds = sum(h["seconds"] for h in history)
-        top1 = evaluate_top1(model, dataset.test, dataset, device, train_cfg.eval_batch_size, train_cfg.precision)
-        log.info("member %s: test top-1 %.4f after %.1f s", arch, top1, seconds)
-        meta_config = {
-            "fingerprint": expected, "train": config_to_dict(train_cfg), "seed": cfg.seed,
-            "dataset_identity": dataset.identity, "seconds": seconds, "history": history,
-        }
-        payload = checkpoint_payload(model, arch=arch, width=width, dataset=dataset, accuracy=top1,
-                                     config=meta_config)
-        atomic_torch_save(payload, path)
-        lines = ["epoch,loss,train_top1,seconds"] + [
-            f"{h['epoch']},{h['loss']:.6f},{h['train_top1']:.6f},{h['seconds']:.2f}" for h in history
-        ]
-        atomic_write_text(path.with_suffix(".csv"), "\n".join(lines) + "\n")
-        partial.unlink(missing_ok=True)
-        results[arch] = {"top1": top1, "seconds": seconds, "parameters": count_parameters(model), "skipped": False}
-    return results
+        else:
+            pending.append(arch)
+    context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device}
+    trained = map_jobs(_train_member, pending, build_context, (worker_config_data(cfg, run),),
+                       workers_for(cfg, device), in_process_context=context)
+    results.update(dict(zip(pending, trained)))
+    return {arch: results[arch] for arch in cfg.committee.members}
 
 
 def load_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device: torch.device,
