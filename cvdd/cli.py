@@ -219,8 +219,14 @@ def cmd_evaluate(args) -> int:
     from .runs import stage
 
     def checks(cfg, dataset, run):
-        if any(m in ("cvdd", "random") for m in _methods(args, cfg)):
+        from .evaluate import check_class_names
+        from .pipeline import load_distilled
+
+        methods = _methods(args, cfg)
+        if any(m in ("cvdd", "random") for m in methods):
             _check_priors_available(cfg, dataset, run)
+        for method in methods:
+            check_class_names(load_distilled(run, method), dataset)
 
     cfg, dataset, run, device = _prepare(args, checks)
     methods = _methods(args, cfg)

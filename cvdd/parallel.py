@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 _STATE: dict = {}
 
 
-def _initialize(setup: Callable, setup_args: tuple) -> None:
+def _initialize(setup: Callable, setup_args: tuple, log_file) -> None:
     torch.set_num_threads(1)
     from .runs import setup_logging
 
-    setup_logging()
+    setup_logging(log_file)
     _STATE["context"] = setup(*setup_args)
 
 
@@ -33,12 +33,13 @@ def _call(job_and_func):
 
 
 def map_jobs(func: Callable, jobs: Iterable, setup: Callable, setup_args: tuple, workers: int,
-             in_process_context=None) -> list:
+             in_process_context=None, log_file=None) -> list:
     """Return [func(context, job) for job in jobs], in job order.
 
     With `workers` > 1, jobs run in that many spawned processes whose context is built
     once per process by `setup(*setup_args)`; `func` and `setup` must be module-level
     functions. With one worker, jobs run here with `in_process_context` (or a fresh setup).
+    Workers append their log records to `log_file` as well as to stderr.
     """
     jobs = list(jobs)
     if workers <= 1 or len(jobs) <= 1:
@@ -46,5 +47,5 @@ def map_jobs(func: Callable, jobs: Iterable, setup: Callable, setup_args: tuple,
         return [func(context, job) for job in jobs]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn, initializer=_initialize,
-                             initargs=(setup, setup_args)) as pool:
+                             initargs=(setup, setup_args, log_file)) as pool:
         return list(pool.map(_call, [(func, job) for job in jobs]))

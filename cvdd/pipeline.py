@@ -165,7 +165,7 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
     context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device, "priors": priors,
                "committee": committee}
     trained = map_jobs(_evaluation_job, pending, _evaluation_context, (worker_config_data(cfg, run), priors),
-                       workers_for(cfg, device), in_process_context=context)
+                       workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
     for job, result in zip(pending, trained):
         done[job["path"]] = result
         report(result)

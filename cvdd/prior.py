@@ -129,7 +129,7 @@ def compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
     members = list(cfg.committee.members)
     context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device}
     outcomes = map_jobs(_prior_member, members, build_context, (worker_config_data(cfg, run),),
-                        workers_for(cfg, device), in_process_context=context)
+                        workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
     details = dict(zip(members, outcomes))
     priors = {
         "alpha": {arch: d["alpha"] for arch, d in details.items()},

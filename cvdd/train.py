@@ -244,7 +244,7 @@ def pretrain_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, de
             pending.append(arch)
     context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device}
     trained = map_jobs(_train_member, pending, build_context, (worker_config_data(cfg, run),),
-                       workers_for(cfg, device), in_process_context=context)
+                       workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
     results.update(dict(zip(pending, trained)))
     return {arch: results[arch] for arch in cfg.committee.members}
 
