@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
+from .runs import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -472,13 +473,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CVDD_CACHE", Path.home() / ".cache" / "cvdd"))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_imagefolder(
     root: str | Path, class_order: str | None = None, image_size: int | None = None, channels: int = 3,
     cache_dir: str | Path | None = None, num_workers: int = 2,
@@ -558,7 +552,7 @@ def load_imagefolder(
             "train_images": decoded["train"], "train_labels": train_labels,
             "test_images": decoded["test"], "test_labels": test_labels,
         }
-        _atomic_torch_save(cached, cache_path)
+        atomic_torch_save(cached, cache_path)
     train = TensorSplit(cached["train_images"], cached["train_labels"])
     test = TensorSplit(cached["test_images"], cached["test_labels"])
     mean, std = _channel_stats(train.images)
