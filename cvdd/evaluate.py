@@ -140,6 +140,8 @@ def train_student(
             if label_mode == "soft":
                 # The teachers label exactly the batch the student sees, mixed pixels included.
                 targets = committee.soft_labels(x, cfg.tau, cfg.bssl, cfg.soft_label_space)
+                # NOTE: no tau**2 factor. AdamW's step size is
+                # nearly independent of a constant loss scale, but SGD students would need it.
                 loss = F.kl_div(F.log_softmax(logits / cfg.tau, dim=1), targets, reduction="batchmean")
             else:
                 loss = lam * F.cross_entropy(logits, y)

@@ -147,7 +147,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports kilobytes)."""
+    """Peak resident set size of this process or of its largest finished worker process.
+
+    Linux reports kilobytes. Worker processes count once they have exited.
+    """
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(max(own, children)) * 1024
