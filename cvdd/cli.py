@@ -20,7 +20,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, for example --set train.epochs=3 (repeatable)")
     parser.add_argument("--run-dir", help="run folder (default: runs/<name>)")
-    parser.add_argument("--data-root", help="folder or archive that holds the dataset (sets data.root)")
+    parser.add_argument("--data-root", help="folder or archive that contains the dataset (sets data.root)")
     parser.add_argument("--download", action="store_true",
                         help="let torchvision download cifar10, cifar100, mnist or fashion-mnist into data.root")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (sets device)")

@@ -34,7 +34,7 @@ def _num(default, minimum=None, maximum=None, *, exclusive_min=False):
 
 @dataclass
 class DataConfig:
-    """Which dataset to read and where from."""
+    """Dataset kind, location and decoding options."""
 
     dataset: Literal["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"] = "digits"
     # Folder or archive (.zip, .tar, .tar.gz) holding the data; unused for digits.
@@ -159,7 +159,7 @@ class EvalConfig:
     epochs: int = _num(300, 1)
     lr: float = _num(0.001, 0.0, exclusive_min=True)
     weight_decay: float = _num(0.01, 0.0)
-    # null: 16, or 10 when the distilled set holds at most 16 images.
+    # null: 16, or 10 when the distilled set has at most 16 images.
     batch_size: Optional[int] = _num(None, 1)
     # Smoothed cosine schedule: factor 0.5 * (1 + cos(pi * e / (E * eta))).
     eta: float = _num(1.0, 1.0)

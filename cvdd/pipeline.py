@@ -60,9 +60,9 @@ def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
 def teachers_for(method: str, cfg: RunConfig, committee: dict, priors: dict) -> Committee:
     """The soft-label teachers of a method.
 
-    sre2l and sre2l++ relabel with their single member; cvdd and the random subset with the
-    whole committee weighted by softmax(alpha / T), so that the random subset is judged under
-    exactly the protocol of the method it is compared with.
+    sre2l and sre2l++ relabel with their single member. cvdd and the random subset relabel
+    with the whole committee weighted by softmax(alpha / T), so the random subset is judged
+    under exactly the protocol of the method it is compared with.
     """
     if method in ("sre2l", "sre2l++"):
         name = cfg.single_member

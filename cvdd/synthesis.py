@@ -61,7 +61,7 @@ def class_block_size(cfg: SynthesisConfig, num_classes: int) -> int:
 
 
 def work_items(cfg: SynthesisConfig, num_classes: int) -> list[WorkItem]:
-    """All (IPC index, class block) batches of a synthesis run, in a fixed order."""
+    """List all (IPC index, class block) batches of a synthesis run, in a fixed order."""
     size = class_block_size(cfg, num_classes)
     blocks = [list(range(start, min(start + size, num_classes))) for start in range(0, num_classes, size)]
     return [WorkItem(k, b, classes) for k in range(cfg.ipc) for b, classes in enumerate(blocks)]
