@@ -82,8 +82,9 @@ def _check_stage_inputs(cfg, dataset) -> None:
     """Reject settings that would fail mid-run: IPC above a class size, BN matching without BN."""
     import torch
 
+    from .bn import require_batchnorm
     from .errors import DataError
-    from .models import create_model, has_batchnorm
+    from .models import create_model
     from .synthesis import resolve_init
 
     uses_real = "random" in cfg.methods or any(
@@ -102,25 +103,14 @@ def _check_stage_inputs(cfg, dataset) -> None:
         for arch in users:
             model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size,
                                  cfg.member_width(arch))
-            if not has_batchnorm(model):
-                raise CvddError(
-                    f"committee member {arch!r} has no BatchNorm layers, so BN matching cannot use it; "
-                    "choose a member with BatchNorm or set synthesis.r_bn=0"
-                )
+            require_batchnorm(model, arch)
 
 
 def _check_priors_available(cfg, dataset, run) -> None:
-    from .prior import prior_fingerprint
-    from .runs import read_json
+    from .prior import read_saved_priors
 
-    if cfg.prior.values:
+    if cfg.prior.values or read_saved_priors(cfg, dataset, run) is not None:
         return
-    if run.priors_path.is_file():
-        saved = read_json(run.priors_path)
-        if saved.get("fingerprint") == prior_fingerprint(cfg, dataset) and all(
-            m in saved.get("alpha", {}) for m in cfg.committee.members
-        ):
-            return
     raise CvddError(
         f"committee members {cfg.committee.members} have no prior: prior.values is empty and there is no "
         f"matching priors.json in {str(run.root)!r}; run `cvdd prior` first or set prior.values"

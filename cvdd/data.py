@@ -231,7 +231,7 @@ def load_digits_dataset() -> ImageDataset:
 def _missing(kind: str, root: Path, looked_for: str) -> DataError:
     return DataError(
         f"dataset {kind!r} not found: {looked_for} is missing under {str(root)!r}; "
-        f"pass --download (or data.download=true) to fetch it, or set data.root to the folder that holds it"
+        f"pass --download (or data.download=true) to fetch it, or set data.root to the folder that contains it"
     )
 
 
@@ -421,7 +421,11 @@ def _scan_tree(files: list[str], source_name: str, folders: list[str] = ()) -> t
     roots = {p[0] for p in parts if len(p) > 1}
     if "train" not in roots:
         raise DataError(f"{source_name!r} has no train/ folder; an imagefolder needs train/<class>/ and test/<class>/")
-    test_name = "test" if "test" in roots else "val" if "val" in roots else None
+    test_name = None
+    if "test" in roots:
+        test_name = "test"
+    elif "val" in roots:
+        test_name = "val"
     if test_name is None:
         raise DataError(f"{source_name!r} has no test/ or val/ folder; add one with the same class folders as train/")
     tree: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
@@ -497,7 +501,7 @@ def load_imagefolder(
     for split, classes in tree.items():
         for cls, files in classes.items():
             if not files:
-                raise DataError(f"class folder {split}/{cls} in {source_name!r} holds no images; add images or remove it")
+                raise DataError(f"class folder {split}/{cls} in {source_name!r} contains no images; add images or remove it")
     if set(tree["train"]) != set(tree["test"]):
         only_train = sorted(set(tree["train"]) - set(tree["test"]))[:5]
         only_test = sorted(set(tree["test"]) - set(tree["train"]))[:5]
@@ -566,7 +570,7 @@ def load_dataset(cfg) -> ImageDataset:
     if kind == "digits":
         return load_digits_dataset()
     if cfg.root is None:
-        raise DataError(f"dataset {kind!r} needs data.root (or --data-root): the folder or archive that holds it")
+        raise DataError(f"dataset {kind!r} needs data.root (or --data-root): the folder or archive that contains it")
     root = Path(cfg.root).expanduser()
     if kind == "imagefolder":
         return load_imagefolder(root, cfg.class_order, cfg.image_size, cfg.channels, cfg.cache_dir, cfg.num_workers)

@@ -138,7 +138,7 @@ def train_student(
 
             logits = model(x)
             if label_mode == "soft":
-                # The teachers label exactly the batch the student sees, mixed pixels included.
+                # The teachers label exactly the batch the student trains on, mixed pixels included.
                 targets = committee.soft_labels(x, cfg.tau, cfg.bssl, cfg.soft_label_space)
                 # NOTE: no tau**2 factor. AdamW's step size is
                 # nearly independent of a constant loss scale, but SGD students would need it.

@@ -33,6 +33,19 @@ def prior_fingerprint(cfg: RunConfig, dataset: ImageDataset) -> str:
     return fingerprint("prior", cfg.prior, members, synthesis_cfg, eval_part, dataset.identity, cfg.seed)
 
 
+def read_saved_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder) -> dict[str, float] | None:
+    """Return {member: alpha} from a priors.json made with the current settings, or None."""
+    if not run.priors_path.is_file():
+        return None
+    saved = read_json(run.priors_path)
+    alpha = saved.get("alpha", {})
+    if saved.get("fingerprint") != prior_fingerprint(cfg, dataset):
+        return None
+    if not all(m in alpha for m in cfg.committee.members):
+        return None
+    return {m: float(alpha[m]) for m in cfg.committee.members}
+
+
 def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
                            compute: bool = True) -> dict[str, float]:
     """Return {member: alpha in percent} from the config, from priors.json, or computed now.
@@ -46,14 +59,12 @@ def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder
         log.info("using the priors given in the config (prior.values), not computing them: %s",
                  {m: cfg.prior.values[m] for m in members})
         return {m: float(cfg.prior.values[m]) for m in members}
-    key = prior_fingerprint(cfg, dataset)
-    if run.priors_path.is_file():
-        saved = read_json(run.priors_path)
-        if saved.get("fingerprint") == key and all(m in saved.get("alpha", {}) for m in members):
-            log.info("reusing priors from %s: %s", run.priors_path, saved["alpha"])
-            return {m: float(saved["alpha"][m]) for m in members}
-        if not compute:
-            log.warning("priors.json in %s was made with other settings", run.root)
+    saved = read_saved_priors(cfg, dataset, run)
+    if saved is not None:
+        log.info("reusing priors from %s: %s", run.priors_path, saved)
+        return saved
+    if not compute and run.priors_path.is_file():
+        log.warning("priors.json in %s was made with other settings", run.root)
     if not compute:
         from .errors import CvddError
 
