@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/digits.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-dev clean-venv
+EXPERIMENT ?= digits
+
+.PHONY: demo test report install install-dev clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,9 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/cvdd run --config $(CONFIG)
+
+report: $(VENV)/.installed-dev
+	$(BIN)/cvdd report $(EXPERIMENT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -40,70 +40,11 @@ def _resolve_config(args) -> RunConfig:
 
 
 def _prepare(args, checks=None):
-    """Validate the config, load the data, then create the run folder and its log.
+    """Validate the config, load the data, then create the run folder and its log (see cvdd.session)."""
+    from .session import prepare
 
-    `checks(cfg, dataset, run)` runs before anything is written, so bad input leaves the
-    run folder as it was.
-    """
-    from .data import load_dataset
-    from .runs import RunFolder, atomic_write_text, resolve_device, setup_logging
-
-    cfg = _resolve_config(args)
-    device = resolve_device(cfg.device)
-    setup_logging()
-    dataset = load_dataset(cfg.data)
-    run = RunFolder(cfg.resolved_run_dir())
-    _check_existing_checkpoints(cfg, dataset, run)
-    _check_stage_inputs(cfg, dataset)
-    if checks is not None:
-        checks(cfg, dataset, run)
-    run.create()
-    setup_logging(run.log_path)
-    atomic_write_text(run.config_path, config_to_yaml(cfg))
-    log.info("run folder %s, device %s, %s", run.root, device, dataset.describe())
-    return cfg, dataset, run, device
-
-
-def _check_existing_checkpoints(cfg, dataset, run) -> None:
-    """Reject a run folder whose member checkpoints were made for another class list, before writing."""
-    import torch
-
-    from .models import check_checkpoint_matches
-
-    for arch in cfg.committee.members:
-        path = run.member_path(arch)
-        if path.is_file():
-            meta = torch.load(path, map_location="cpu", weights_only=False)
-            if isinstance(meta, dict):
-                check_checkpoint_matches(meta, dataset, repr(str(path)))
-
-
-def _check_stage_inputs(cfg, dataset) -> None:
-    """Reject settings that would fail mid-run: IPC above a class size, BN matching without BN."""
-    import torch
-
-    from .bn import require_batchnorm
-    from .errors import DataError
-    from .models import create_model
-    from .synthesis import resolve_init
-
-    uses_real = "random" in cfg.methods or any(
-        resolve_init(m, cfg.synthesis) == "real" for m in cfg.methods if m != "random"
-    )
-    if uses_real:
-        smallest = int(torch.bincount(dataset.train.labels, minlength=dataset.num_classes).min())
-        if cfg.synthesis.ipc > smallest:
-            raise DataError(
-                f"synthesis.ipc={cfg.synthesis.ipc} exceeds the smallest class of {dataset.name!r} "
-                f"({smallest} training images) and real-image initialisation needs distinct images; "
-                f"use ipc <= {smallest} or synthesis.init=noise"
-            )
-    if cfg.synthesis.r_bn > 0 and any(m != "random" for m in cfg.methods):
-        users = cfg.committee.members if "cvdd" in cfg.methods else [cfg.single_member]
-        for arch in users:
-            model = create_model(arch, dataset.num_classes, dataset.channels, dataset.image_size,
-                                 cfg.member_width(arch))
-            require_batchnorm(model, arch)
+    session = prepare(_resolve_config(args), checks)
+    return session.cfg, session.dataset, session.run, session.device
 
 
 def _check_priors_available(cfg, dataset, run) -> None:
@@ -120,6 +61,8 @@ def _check_priors_available(cfg, dataset, run) -> None:
 def cmd_pretrain(args) -> int:
     from .runs import stage
     from .train import pretrain_committee
+
+    from .train import format_committee_table
 
     cfg, dataset, run, device = _prepare(args)
     timings: dict = {}
@@ -153,14 +96,6 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def format_committee_table(results: dict) -> str:
-    lines = ["| member | test top-1 | parameters | seconds |", "|---|---|---|---|"]
-    for arch, r in results.items():
-        note = " (reused)" if r.get("skipped") else ""
-        lines.append(f"| {arch} | {100 * r['top1']:.2f}%{note} | {r['parameters']:,} | {r['seconds']:.0f} |")
-    return "\n".join(lines)
 
 
 def _methods(args, cfg) -> list[str]:
@@ -240,6 +175,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+    from .runs import setup_logging
+
+    setup_logging()
+    start = time.perf_counter()
+    out = run_report(args.experiment, reports_dir=args.reports_dir)
+    print(f"report written to {out} in {time.perf_counter() - start:.0f} s (results in {out / 'results.md'})")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _resolve_config(args)
     sys.stdout.write(config_to_yaml(cfg))
@@ -267,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("distill", "evaluate"):
             p.add_argument("--method", action="append", help="method to run (repeatable; default: config methods)")
         p.set_defaults(func=func)
+    report = sub.add_parser("report", help="execute an experiment's notebooks with papermill into reports/",
+                            description="execute the notebooks that configs/experiments/EXPERIMENT.yaml lists, "
+                                        "with its parameters, into REPORTS_DIR/EXPERIMENT/")
+    report.add_argument("experiment", help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
+    report.add_argument("--reports-dir", default="reports", help="parent folder of the report (default: reports)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import apply_crop, apply_cutmix, sample_crop_params, sample_cutmix
 from .bn import batch_specific_bn

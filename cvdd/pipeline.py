@@ -89,7 +89,7 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
                                       seed, list(teachers.teachers), teachers.weights.tolist(),
                                       {m: member_ids[m] for m in teachers.teachers})
                     jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
-                                 "path": str(run.root / "eval" / method / f"{student}-{mode}-seed{seed}.json")})
+                                 "path": str(run.eval_path(method, student, mode, seed))})
     return jobs
 
 
@@ -112,7 +112,9 @@ def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, prio
         width, device, seed_for(job["seed"], "student", job["method"], job["student"]), committee=teachers,
         label_mode=job["mode"], desc=f"{job['method']} {job['student']} {job['mode']} seed {job['seed']}",
     )
-    result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"]})
+    # "seed" is the evaluation seed of the config; the student's derived torch seed is kept beside it.
+    result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"],
+                   "seed": job["seed"], "torch_seed": result["seed"]})
     atomic_write_json(job["path"], result)
     return result
 
@@ -151,6 +153,7 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
         if path.is_file():
             saved = read_json(path)
             if saved.get("fingerprint") == job["key"]:
+                saved["seed"] = job["seed"]
                 done[job["path"]] = saved
                 continue
         pending.append(job)

@@ -82,8 +82,8 @@ class RunFolder:
     def distilled_dir(self, method: str) -> Path:
         return self.root / "distilled" / method
 
-    def eval_path(self, method: str, student: str, seed: int) -> Path:
-        return self.root / "eval" / method / f"{student}-seed{seed}.json"
+    def eval_path(self, method: str, student: str, label_mode: str, seed: int) -> Path:
+        return self.root / "eval" / method / f"{student}-{label_mode}-seed{seed}.json"
 
     @property
     def metrics_path(self) -> Path:
@@ -93,12 +93,15 @@ class RunFolder:
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Send cvdd's log records to stderr and, if given, append them to `log_file`."""
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO, console: bool = True) -> None:
+    """Send cvdd's log records to stderr (unless `console` is false) and append them to `log_file`."""
     logger = logging.getLogger("cvdd")
     logger.setLevel(level)
     logger.propagate = False
-    if not any(getattr(h, "_cvdd_console", False) for h in logger.handlers):
+    if not console:
+        for handler in [h for h in logger.handlers if getattr(h, "_cvdd_console", False)]:
+            logger.removeHandler(handler)
+    elif not any(getattr(h, "_cvdd_console", False) for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         console._cvdd_console = True

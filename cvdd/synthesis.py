@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import random_resized_crop, random_roll
 from .bn import BNStatisticsHook, bn_matching_loss, require_batchnorm

@@ -11,7 +11,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import random_resized_crop
 from .config import RunConfig, TrainConfig, config_to_dict, fingerprint
@@ -258,3 +258,11 @@ def load_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
         model.to(device).eval().requires_grad_(False)
         committee[arch] = model
     return committee
+
+
+def format_committee_table(results: dict) -> str:
+    lines = ["| member | test top-1 | parameters | seconds |", "|---|---|---|---|"]
+    for arch, r in results.items():
+        note = " (reused)" if r.get("skipped") else ""
+        lines.append(f"| {arch} | {100 * r['top1']:.2f}%{note} | {r['parameters']:,} | {r['seconds']:.0f} |")
+    return "\n".join(lines)

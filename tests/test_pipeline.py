@@ -167,6 +167,8 @@ def test_run_metrics_rows(first_run):
         assert len(per_seed) == len(SEEDS), where
         assert row["top1_mean"] == pytest.approx(statistics.fmean(per_seed)), where
         assert row["top1_std"] == pytest.approx(statistics.stdev(per_seed)), where
+        # The config's evaluation seeds, not the students' derived torch seeds.
+        assert row["seeds"] == list(SEEDS), where
         # The best epoch is at least as good as the final one for every seed, so also on average.
         assert row["best_top1_mean"] >= row["top1_mean"], where
 

@@ -21,9 +21,13 @@ def test_cosine_by_method_bars():
 
 def test_bn_gap_and_embedding_figures():
     gaps = {"layers": ["a", "b", "c"], "mean_gap": torch.rand(4, 3), "var_gap": torch.rand(4, 3)}
-    figure = plots.plot_bn_gap(gaps, "title")
+    figure = plots.plot_bn_gap(gaps, title="title")
     assert len(figure.axes) == 2
     assert len(figure.axes[0].get_lines()) == 4
+    other = {"layers": ["a", "b", "c"], "mean_gap": torch.rand(2, 3), "var_gap": torch.rand(2, 3)}
+    figure = plots.plot_bn_gap(gaps, other)
+    colours = [line.get_color() for line in figure.axes[0].get_lines()]
+    assert colours.count("tab:blue") == 4 and colours.count("tab:orange") == 2
     stats = {"layers": ["a", "b"], "mean": torch.zeros(2), "std": torch.ones(2)}
     figure = plots.plot_embedding_statistics(stats, stats)
     assert len(figure.axes[1].get_lines()) == 2

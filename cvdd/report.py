@@ -1,0 +1,254 @@
+"""Reports: execute an experiment's notebooks with papermill into reports/<experiment>/ (`cvdd report`).
+
+An experiment file in configs/experiments/ names a config, a run folder, config overrides
+and the notebooks to execute, with per-notebook parameters:
+
+    name: digits
+    description: the embedded demo, every notebook
+    config: configs/digits.yaml
+    run_dir: runs/digits
+    overrides: {}
+    notebooks: [00_quickstart, 01_committee, ...]
+    parameters: {03_synthesis: {ipc: 2}}
+    paper_priors: {}          # optional: the paper's Table 15 column, shown next to the priors
+
+The notebooks run in a staging folder; only when all of them succeed are the executed
+notebooks, figures, metrics.json and results.md moved into the report folder, so a failed
+run leaves the previous report as it was. The stages themselves reuse finished work in the
+run folder, so running a report again continues where a cut-short run stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from .progress import tqdm
+
+from .errors import ConfigError, CvddError
+from .runs import atomic_write_json, atomic_write_text, read_json
+from .session import project_path, project_root
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KEYS = {"name", "description", "config", "run_dir", "overrides", "notebooks", "parameters",
+                   "paper_priors", "paper_note"}
+
+
+@dataclass
+class Experiment:
+    """One batch of notebooks over one run folder."""
+
+    name: str
+    config: str
+    notebooks: list[str]
+    run_dir: str | None = None
+    description: str = ""
+    overrides: dict = field(default_factory=dict)
+    parameters: dict[str, dict] = field(default_factory=dict)
+    paper_priors: dict[str, float] = field(default_factory=dict)
+    paper_note: str = ""
+    path: str = ""
+
+
+def experiments_dir() -> Path:
+    return project_path("configs/experiments")
+
+
+def notebooks_dir() -> Path:
+    return project_path("notebooks")
+
+
+def list_experiments() -> list[str]:
+    """Names of the experiment files in configs/experiments/."""
+    return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+
+
+def load_experiment(name: str | Path) -> Experiment:
+    """Read and check an experiment file, by name (configs/experiments/NAME.yaml) or by path."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = experiments_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"experiment {str(name)!r} not found; choose one of {list_experiments()} or pass a YAML path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"experiment file {str(path)!r} must hold a mapping")
+    unknown = sorted(set(data) - EXPERIMENT_KEYS)
+    if unknown:
+        raise ConfigError(f"experiment file {str(path)!r} has unknown key(s) {unknown}; allowed: {sorted(EXPERIMENT_KEYS)}")
+    for key in ("config", "notebooks"):
+        if key not in data:
+            raise ConfigError(f"experiment file {str(path)!r} has no {key!r}; add it")
+    spec = Experiment(**{"name": path.stem, **data, "path": str(path)})
+    missing = [n for n in spec.notebooks if not (notebooks_dir() / f"{n}.ipynb").is_file()]
+    if missing:
+        available = sorted(p.stem for p in notebooks_dir().glob("*.ipynb"))
+        raise ConfigError(f"experiment {spec.name!r} lists notebook(s) {missing} that do not exist; choose from {available}")
+    strays = sorted(set(spec.parameters) - set(spec.notebooks))
+    if strays:
+        raise ConfigError(f"experiment {spec.name!r} has parameters for {strays}, which it does not run; "
+                          f"add them to notebooks or remove the parameters")
+    return spec
+
+
+def notebook_parameters(spec: Experiment, notebook: str, figures_dir: Path) -> dict:
+    params = {"config": spec.config, "overrides": dict(spec.overrides), "figures_dir": str(figures_dir)}
+    if spec.run_dir:
+        params["run_dir"] = spec.run_dir
+    params.update(spec.parameters.get(notebook, {}))
+    return params
+
+
+def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_name: str | None = None) -> Path:
+    """Execute the experiment's notebooks into `reports_dir`/<name>/ and write results.md.
+
+    Returns the report folder. A failing notebook raises CvddError naming the notebook, the
+    cell and the error; its executed copy stays in the staging folder for inspection.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    spec = load_experiment(name)
+    root = project_root() or Path.cwd()
+    out = project_path(reports_dir) / spec.name
+    staging = out.parent / f"{spec.name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    figures = staging / "figures"
+    figures.mkdir(parents=True)
+    seconds: dict[str, float] = {}
+    for notebook in tqdm(spec.notebooks, desc=f"report {spec.name}", unit="notebook"):
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebooks_dir() / f"{notebook}.ipynb"), str(staging / f"{notebook}.ipynb"),
+                parameters=notebook_parameters(spec, notebook, figures), cwd=str(root),
+                kernel_name=kernel_name, progress_bar=False, log_output=False,
+            )
+        except PapermillExecutionError as exc:
+            raise CvddError(
+                f"notebook {notebook} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''}; "
+                f"its executed copy is {str(staging / (notebook + '.ipynb'))!r}; the report in {str(out)!r} is unchanged"
+            ) from None
+        seconds[notebook] = time.perf_counter() - start
+        log.info("report %s: %s executed in %.1f s", spec.name, notebook, seconds[notebook])
+
+    metrics = _run_metrics(spec)
+    if metrics is not None:
+        metrics["notebook_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+        atomic_write_json(staging / "metrics.json", metrics)
+    atomic_write_text(staging / "results.md", results_markdown(spec, metrics, sorted(figures.glob("*.png")), seconds))
+    _move_into(staging, out)
+    return out
+
+
+def _run_metrics(spec: Experiment) -> dict | None:
+    """The run folder's metrics.json, if the experiment's notebooks produced one."""
+    from .config import load_config
+
+    cfg = load_config(project_path(spec.config), [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()])
+    run_dir = project_path(spec.run_dir) if spec.run_dir else project_path(cfg.resolved_run_dir())
+    path = Path(run_dir) / "metrics.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _yaml_value(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move every file of `staging` into `out` (one rename each), keeping files only `out` has."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(staging)
+
+
+def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path], seconds: dict[str, float]) -> str:
+    """results.md: the tables of metrics.json, the priors, times, memory and figures."""
+    from .pipeline import format_results
+
+    lines = [f"# Report `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += [f"Regenerate with `cvdd report {spec.name}` (or `make report EXPERIMENT={spec.name}`). "
+              f"Config `{spec.config}`" + (f" with overrides `{spec.overrides}`" if spec.overrides else "") +
+              f"; run folder `{spec.run_dir or 'runs/<name>'}`. Every number below is read from `metrics.json` "
+              "in this folder.", ""]
+    if metrics is None:
+        lines += ["No metrics.json: the notebooks of this experiment do not run the main job.", ""]
+    else:
+        lines += ["## Results", "", format_results(metrics).split("\n", 1)[1].rsplit("\npriors", 1)[0], "",
+                  "Final-epoch test top-1 in percent, mean ± sample standard deviation over seeds "
+                  f"{_seeds(metrics)}.", ""]
+        lines += _fair_section(metrics)
+        lines += _priors_section(spec, metrics)
+        lines += ["## Time and memory", "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
+        peaks = metrics.get("stage_peak_rss_bytes", {})
+        for stage_name, value in metrics.get("stage_seconds", {}).items():
+            peak = peaks.get(stage_name)
+            lines.append(f"| {stage_name} | {value:.1f} | {peak / 2**30:.2f} |" if peak else f"| {stage_name} | {value:.1f} | - |")
+        lines += ["", "Stage seconds are those of the run that did the work; a stage whose work was reused "
+                  "counts only the time to check and load it.", ""]
+    lines += ["## Notebooks", "", "| notebook | seconds to execute |", "|---|---|"]
+    lines += [f"| [{n}]({n}.ipynb) | {s:.1f} |" for n, s in seconds.items()]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _seeds(metrics: dict) -> str:
+    seeds = sorted({s for row in metrics.get("results", []) for s in row.get("seeds", [])})
+    return str(seeds)
+
+
+def _fair_section(metrics: dict) -> list[str]:
+    from .metrics import fair_rows, format_fair_table
+
+    methods = {row["method"] for row in metrics.get("results", [])}
+    if "random" not in methods or len(methods) < 2:
+        return []
+    return ["## Fair metrics", "", format_fair_table(fair_rows(metrics)), ""]
+
+
+def _priors_section(spec: Experiment, metrics: dict) -> list[str]:
+    priors = metrics.get("priors") or {}
+    if not priors:
+        return []
+    lines = ["## Prior performance (Algorithm 1)", ""]
+    if spec.paper_priors:
+        lines += ["| member | alpha here (%) | paper Table 15 (%) |", "|---|---|---|"]
+        lines += [f"| {m} | {a:.2f} | {spec.paper_priors.get(m, float('nan')):.2f} |" for m, a in priors.items()]
+    else:
+        lines += ["| member | alpha (%) |", "|---|---|"]
+        lines += [f"| {m} | {a:.2f} |" for m, a in priors.items()]
+    if spec.paper_note:
+        lines += ["", spec.paper_note.strip()]
+    return lines + [""]
+
+
+def collect_reports(reports_dir: str | Path = "reports") -> str:
+    """The results tables of every report folder that holds a metrics.json, as Markdown."""
+    from .pipeline import format_results
+
+    folder = project_path(reports_dir)
+    sections = []
+    for path in sorted(folder.glob("*/metrics.json")):
+        sections += [f"### {path.parent.name}", "", format_results(read_json(path)), ""]
+    if not sections:
+        return f"No report with a metrics.json in {str(folder)!r} yet; run `cvdd report NAME`."
+    return "\n".join(sections)
