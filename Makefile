@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 EXPERIMENT ?= digits
 
-.PHONY: demo test report install install-dev clean-venv
+.PHONY: demo test report browser install install-dev clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ demo: $(VENV)/.installed
 report: $(VENV)/.installed-dev
 	$(BIN)/cvdd report $(EXPERIMENT)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's chromium for tests/test_browser.py; Playwright drives it, no browser is downloaded.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 clean-venv:
 	rm -rf $(VENV)

@@ -178,7 +178,7 @@ def plot_synthesis_progress(history: dict) -> Figure:
                 axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=expert)
         axes.set_title(title, fontsize="medium")
         axes.set_xlabel("iteration (all batches)")
-        if key in ("ce", "bn") and any(p[1] > 0 for pts in history.get(key, {}).values() for p in pts):
+        if key == "bn" and any(p[1] > 0 for pts in history.get(key, {}).values() for p in pts):
             axes.set_yscale("log")
         if history.get(key):
             axes.legend(fontsize="x-small")
