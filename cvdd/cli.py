@@ -171,7 +171,8 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     metrics = run_pipeline(cfg, dataset, run, device)
     print(format_results(metrics))
-    print(f"total {time.perf_counter() - start:.0f} s; metrics in {run.metrics_path}")
+    metrics_path = run.root / "validation" / "metrics.json" if cfg.validation else run.metrics_path
+    print(f"total {time.perf_counter() - start:.0f} s; metrics in {metrics_path}")
     return 0
 
 

@@ -212,11 +212,19 @@ class RunConfig:
     methods: list[Literal["random", "sre2l", "sre2l++", "cvdd"]] = field(
         default_factory=lambda: ["random", "sre2l", "sre2l++", "cvdd"]
     )
+    # Tune without the test split: distil with the members Algorithm 1 trains on its
+    # prior.train_fraction split, and test students on the held-out rest, under <run>/validation/.
+    validation: bool = False
 
     def validate(self):
         from .models import check_arch
 
         members = self.committee.members
+        if self.validation and self.prior.values:
+            raise ConfigError(
+                "config key 'validation' is true but prior.values is set; validation uses the members that "
+                "Algorithm 1 trains on its split, so remove prior.values"
+            )
         if self.synthesis.experts > len(members):
             raise ConfigError(
                 f"config key 'synthesis.experts' has value {self.synthesis.experts} but the committee has "

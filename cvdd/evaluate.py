@@ -176,6 +176,7 @@ def train_student(
             "optimizer": {"name": "adamw", "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                           "no_decay": "batchnorm and bias", "schedule": "smoothed cosine", "eta": cfg.eta},
             "student": student, "student_width": width, "seed": seed, "num_images": count,
+            "test_images": len(test_split),
             "teachers": list(committee.teachers) if committee is not None and label_mode == "soft" else [],
             "teacher_weights": committee.weights.tolist() if committee is not None and label_mode == "soft" else [],
             "config": config_to_dict(cfg),

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, fingerprint
-from .data import ImageDataset
+from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
 from .prior import load_or_compute_priors
-from .runs import RunFolder, atomic_write_json, peak_rss_bytes, read_json, stage
+from .runs import RunFolder, ValidationFolder, atomic_write_json, peak_rss_bytes, read_json, stage
 from .synthesis import distill, random_subset
 from .train import (
     build_context, load_committee, member_fingerprint, pretrain_committee, seed_for, worker_config_data, workers_for,
@@ -36,22 +36,42 @@ def load_distilled(run: RunFolder, method: str) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def member_ids(cfg: RunConfig, dataset: ImageDataset, run: RunFolder) -> dict[str, str]:
+    """Fingerprint of each member checkpoint, so a retrained member invalidates what it made."""
+    if isinstance(run, ValidationFolder):
+        ids = {}
+        for arch in cfg.committee.members:
+            payload = torch.load(run.member_path(arch), map_location="cpu", weights_only=False)
+            ids[arch] = payload["config"]["fingerprint"]
+        return ids
+    return {m: member_fingerprint(cfg, dataset, m) for m in cfg.committee.members}
+
+
+def split_indices(cfg: RunConfig, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's split of the training rows: (rows to distil from, held-out rows to test on)."""
+    return stratified_split(dataset.train.labels, cfg.prior.train_fraction, cfg.prior.split_seed)
+
+
 def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
                   methods: list[str], callback=None) -> dict[str, dict]:
-    """Distil with every method in `methods`; the random subset is drawn, not optimised."""
+    """Distil with every method in `methods`; the random subset is drawn, not optimised.
+
+    In a validation folder the real images come from Algorithm 1's training rows only.
+    """
     committee = None
     outputs = {}
-    member_ids = {m: member_fingerprint(cfg, dataset, m) for m in cfg.committee.members}
+    ids = member_ids(cfg, dataset, run)
+    train_indices = split_indices(cfg, dataset)[0] if isinstance(run, ValidationFolder) else None
     for method in methods:
         out_dir = run.distilled_dir(method)
         if method == "random":
-            outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir)
+            outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir, train_indices=train_indices)
             continue
         if committee is None:
             committee = load_committee(cfg, dataset, run, device)
         outputs[method] = distill(method, committee, priors, dataset, cfg.synthesis, out_dir, device,
                                   seed=cfg.seed, single_member=cfg.single_member, callback=callback,
-                                  member_ids=member_ids)
+                                  member_ids=ids, train_indices=train_indices)
         log.info("distilled %d images with %s in %.1f s", len(outputs[method]["images"]), method,
                  outputs[method]["seconds"])
     return outputs
@@ -76,7 +96,7 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
                      committee: dict) -> list[dict]:
     """List every (method, student, label mode, seed) item with its output path and fingerprint."""
     width = cfg.evaluate.student_width or cfg.committee.width
-    member_ids = {m: member_fingerprint(cfg, dataset, m) for m in cfg.committee.members}
+    ids = member_ids(cfg, dataset, run)
     jobs = []
     for method in methods:
         distilled = load_distilled(run, method)
@@ -87,7 +107,7 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
                 for seed in cfg.evaluate.seeds:
                     key = fingerprint(distilled["fingerprint"], method_eval_config(cfg, method), student, width, mode,
                                       seed, list(teachers.teachers), teachers.weights.tolist(),
-                                      {m: member_ids[m] for m in teachers.teachers})
+                                      {m: ids[m] for m in teachers.teachers})
                     jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
                                  "path": str(run.eval_path(method, student, mode, seed))})
     return jobs
@@ -107,10 +127,13 @@ def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, prio
     distilled = load_distilled(run, job["method"])
     teachers = teachers_for(job["method"], cfg, committee, priors)
     width = cfg.evaluate.student_width or cfg.committee.width
+    # A validation run tests on the rows Algorithm 1 held out, never on the test split.
+    test_split = SubsetSplit(dataset.train, split_indices(cfg, dataset)[1]) if isinstance(run, ValidationFolder) else None
     result = train_student(
         distilled["images"], distilled["labels"], dataset, method_eval_config(cfg, job["method"]), job["student"],
         width, device, seed_for(job["seed"], "student", job["method"], job["student"]), committee=teachers,
         label_mode=job["mode"], desc=f"{job['method']} {job['student']} {job['mode']} seed {job['seed']}",
+        test_split=test_split,
     )
     # "seed" is the evaluation seed of the config; the student's derived torch seed is kept beside it.
     result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"],
@@ -202,7 +225,10 @@ def summarize(results: list[dict], cfg: RunConfig, dataset: ImageDataset, priors
 
 
 def format_results(metrics: dict) -> str:
-    lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch test top-1, mean ± std over seeds)",
+    where = "test top-1"
+    if metrics.get("validation"):
+        where = f"top-1 on {metrics['validation']['held_out_rows']} held-out training rows, validation"
+    lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch {where}, mean ± std over seeds)",
              "| method | student | soft label | hard label |", "|---|---|---|---|"]
     table: dict[tuple, dict] = {}
     for row in metrics["results"]:
@@ -219,7 +245,9 @@ def format_results(metrics: dict) -> str:
 
 
 def run_pipeline(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, callback=None) -> dict:
-    """Run every stage of `cfg` in `run` and write metrics.json."""
+    """Run every stage of `cfg` in `run` and write metrics.json (validation/metrics.json in validation mode)."""
+    if cfg.validation:
+        return run_validation(cfg, dataset, run, device, callback)
     timings: dict = {}
     peaks: dict = {}
     with stage("committee", timings):
@@ -238,4 +266,31 @@ def run_pipeline(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, 
     peaks["evaluate"] = peak_rss_bytes()
     metrics = summarize(results, cfg, dataset, priors, timings, peaks)
     atomic_write_json(run.metrics_path, metrics)
+    return metrics
+
+
+def run_validation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, callback=None) -> dict:
+    """The pipeline on Algorithm 1's split, for choosing settings without the test split.
+
+    Algorithm 1 trains each member on prior.train_fraction of the training rows. Here those
+    members distil (real images from the same rows) and label, and students are tested on
+    the held-out rows. Results go to <run>/validation/metrics.json, next to the run's own.
+    """
+    timings: dict = {}
+    peaks: dict = {}
+    with stage("prior", timings):
+        priors = load_or_compute_priors(cfg, dataset, run, device)
+    peaks["prior"] = peak_rss_bytes()
+    validation = ValidationFolder(run).create()
+    with stage("synthesis", timings):
+        run_synthesis(cfg, dataset, validation, device, priors, list(cfg.methods), callback=callback)
+    peaks["synthesis"] = peak_rss_bytes()
+    with stage("evaluate", timings):
+        results = run_evaluation(cfg, dataset, validation, device, priors, list(cfg.methods))
+    peaks["evaluate"] = peak_rss_bytes()
+    metrics = summarize(results, cfg, dataset, priors, timings, peaks)
+    train_rows, held_out = split_indices(cfg, dataset)
+    metrics["validation"] = {"members": "Algorithm 1's members", "train_rows": len(train_rows),
+                             "held_out_rows": len(held_out), "split_seed": cfg.prior.split_seed}
+    atomic_write_json(validation.metrics_path, metrics)
     return metrics

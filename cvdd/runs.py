@@ -90,6 +90,29 @@ class RunFolder:
         return self.root / "metrics.json"
 
 
+class ValidationFolder(RunFolder):
+    """The validation view of a run folder: outputs under <run>/validation/.
+
+    Members are those Algorithm 1 trained on its split (<run>/prior/committee/), and the
+    priors, config and log are the run's own.
+    """
+
+    def __init__(self, base: RunFolder):
+        super().__init__(base.root / "validation")
+        self.base = base
+
+    @property
+    def log_path(self) -> Path:
+        return self.base.log_path
+
+    def member_path(self, arch: str) -> Path:
+        return self.base.root / "prior" / "committee" / f"{arch}.pt"
+
+    @property
+    def priors_path(self) -> Path:
+        return self.base.priors_path
+
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

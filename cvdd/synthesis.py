@@ -367,16 +367,22 @@ def export_png(images: torch.Tensor, labels: torch.Tensor, class_names: list[str
         atomic_write_bytes(root / safe / f"{index:04d}.png", buffer.getvalue())
 
 
-def random_subset(dataset: ImageDataset, ipc: int, seed: int, out_dir: str | Path | None = None) -> dict:
-    """IPC real training images per class chosen with `seed`: the baseline that synthesis must beat."""
-    key = fingerprint("random", ipc, seed, dataset.identity)
+def random_subset(dataset: ImageDataset, ipc: int, seed: int, out_dir: str | Path | None = None,
+                  train_indices: torch.Tensor | None = None) -> dict:
+    """IPC real training images per class chosen with `seed`: the baseline that synthesis must beat.
+
+    With `train_indices`, the images come from those training rows only (validation runs).
+    """
+    split_tag = None if train_indices is None else [len(train_indices), int(train_indices.sum())]
+    key = fingerprint("random", ipc, seed, dataset.identity, split_tag)
     if out_dir is not None and (Path(out_dir) / "images.pt").is_file():
         saved = torch.load(Path(out_dir) / "images.pt", weights_only=False)
         if saved.get("fingerprint") == key:
             return saved
     generator = torch.Generator().manual_seed(seed_for(seed, "random-subset"))
-    chosen = sample_per_class(dataset.train.labels, dataset.num_classes, ipc, generator)  # (K, ipc)
-    indices = chosen.flatten()
+    labels = dataset.train.labels if train_indices is None else dataset.train.labels[train_indices]
+    chosen = sample_per_class(labels, dataset.num_classes, ipc, generator).flatten()  # (K * ipc,)
+    indices = chosen if train_indices is None else train_indices[chosen]
     images = dataset.train.get(indices.tolist()).float() / 255.0
     labels = dataset.train.labels[indices]
     result = {

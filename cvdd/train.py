@@ -172,15 +172,27 @@ def build_context(cfg_data: dict) -> dict:
     from .config import config_from_dict
     from .data import load_dataset
 
-    cfg = config_from_dict(cfg_data)
-    return {"cfg": cfg, "dataset": load_dataset(cfg.data), "run": RunFolder(cfg.resolved_run_dir()),
-            "device": torch.device("cpu")}
+    from .runs import ValidationFolder
+
+    data = dict(cfg_data)
+    validation_folder = data.pop("_validation_folder", False)
+    cfg = config_from_dict(data)
+    run = RunFolder(cfg.resolved_run_dir())
+    if validation_folder:
+        run = ValidationFolder(run)
+    return {"cfg": cfg, "dataset": load_dataset(cfg.data), "run": run, "device": torch.device("cpu")}
 
 
 def worker_config_data(cfg: RunConfig, run: RunFolder) -> dict:
     """Plain config data for worker processes, with the run folder fixed to `run`."""
+    from .runs import ValidationFolder
+
     data = config_to_dict(cfg)
-    data["run_dir"] = str(run.root)
+    if isinstance(run, ValidationFolder):
+        data["run_dir"] = str(run.base.root)
+        data["_validation_folder"] = True
+    else:
+        data["run_dir"] = str(run.root)
     return data
 
 

@@ -372,3 +372,31 @@ def test_evaluate_other_class_list_writes_nothing(copied_run):
     assert result.returncode == 2, result.stderr
     changed = sorted(k for k, v in snapshot(copied_run).items() if before.get(k) != v)
     assert changed == []
+
+
+def test_validation_run_tests_on_held_out_training_rows(tmp_path):
+    root = tmp_path / "run"
+    overrides = ["validation=true", "prior.member_epochs=1", "prior.iterations=2", "prior.student_epochs=1",
+                 "prior.ipc=1"]
+    result = run_cvdd(tmp_path, "run", *tiny_args(root, *overrides, priors=False))
+    assert result.returncode == 0, result.stderr
+    assert "held-out training rows, validation" in result.stdout
+
+    # The split of Algorithm 1, computed here from its definition: a stratified 80/20 split.
+    from cvdd.config import load_config
+    from cvdd.data import load_dataset, stratified_split
+
+    cfg = load_config(DIGITS_CONFIG)
+    dataset = load_dataset(cfg.data)
+    train_rows, held_out = stratified_split(dataset.train.labels, cfg.prior.train_fraction, cfg.prior.split_seed)
+    assert len(train_rows) + len(held_out) == len(dataset.train)
+
+    metrics = json.loads((root / "validation" / "metrics.json").read_text())
+    assert metrics["validation"]["held_out_rows"] == len(held_out)
+    assert not (root / "metrics.json").exists()
+    assert not (root / "committee").exists()
+    saved = json.loads((root / "validation" / "eval" / "cvdd" / f"{STUDENT}-soft-seed0.json").read_text())
+    assert saved["protocol"]["test_images"] == len(held_out)
+    subset = torch.load(root / "validation" / "distilled" / "random" / "images.pt", weights_only=False)
+    assert set(subset["indices"].tolist()) <= set(train_rows.tolist())
+    assert not set(subset["indices"].tolist()) & set(held_out.tolist())
