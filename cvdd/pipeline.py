@@ -224,21 +224,35 @@ def summarize(results: list[dict], cfg: RunConfig, dataset: ImageDataset, priors
     }
 
 
+STANDARD_ROW_KEYS = ("method", "student", "ipc", "label_mode", "top1_mean", "top1_std", "top1_per_seed",
+                     "best_top1_mean", "seeds", "variant")
+
+
+def row_setting(row: dict) -> str:
+    """Describe the varied settings of an ablation row ("temperature=1"), or "" for a plain row."""
+    return ", ".join(f"{k}={v}" for k, v in row.items() if k not in STANDARD_ROW_KEYS)
+
+
 def format_results(metrics: dict) -> str:
     where = "test top-1"
     if metrics.get("validation"):
         where = f"top-1 on {metrics['validation']['held_out_rows']} held-out training rows, validation"
-    lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch {where}, mean ± std over seeds)",
-             "| method | student | soft label | hard label |", "|---|---|---|---|"]
+    lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch {where}, mean ± std over seeds)"]
     table: dict[tuple, dict] = {}
     for row in metrics["results"]:
-        table.setdefault((row["method"], row["student"]), {})[row["label_mode"]] = row
-    for (method, student), modes in table.items():
+        table.setdefault((row["method"], row["student"], row_setting(row)), {})[row["label_mode"]] = row
+    with_setting = any(setting for _, _, setting in table)
+    if with_setting:
+        lines += ["| method | student | setting | soft label | hard label |", "|---|---|---|---|---|"]
+    else:
+        lines += ["| method | student | soft label | hard label |", "|---|---|---|---|"]
+    for (method, student, setting), modes in table.items():
         cells = []
         for mode in ("soft", "hard"):
             r = modes.get(mode)
             cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r else "-")
-        lines.append(f"| {method} | {student} | {cells[0]} | {cells[1]} |")
+        middle = f" {setting} |" if with_setting else ""
+        lines.append(f"| {method} | {student} |{middle} {cells[0]} | {cells[1]} |")
     if metrics.get("priors"):
         lines.append("priors (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["priors"].items()))
     return "\n".join(lines)

@@ -238,3 +238,27 @@ def show(figure: Figure, name: str | None = None, folder: str | None = None, dpi
 
         atomic_write_bytes(Path(folder) / f"{name}.png", data)
     display(Image(data=data))
+
+
+def plot_ablation(metrics: dict, label_mode: str = "soft", title: str = "") -> Figure:
+    """Top-1 of each method per ablation variant, with the seed standard deviation as error bars."""
+    rows = [r for r in metrics["results"] if r["label_mode"] == label_mode]
+    variants = list(dict.fromkeys(r.get("variant", "") for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    figure = Figure(figsize=(max(5.0, 1.1 * len(variants) + 2), 3.4))
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(methods))
+    for index, method in enumerate(methods):
+        found = {r.get("variant", ""): r for r in rows if r["method"] == method}
+        positions = [v + index * width for v in range(len(variants)) if variants[v] in found]
+        chosen = [found[name] for name in variants if name in found]
+        axes.bar(positions, [100 * r["top1_mean"] for r in chosen], width,
+                 yerr=[100 * r["top1_std"] for r in chosen], capsize=3, label=method)
+    axes.set_xticks([v + 0.4 - width / 2 for v in range(len(variants))])
+    axes.set_xticklabels(variants, rotation=20, ha="right")
+    axes.set_xlabel("variant")
+    axes.set_ylabel(f"test top-1 (%), {label_mode} labels")
+    axes.set_title(title or f"ablation on {metrics['dataset']}, IPC {metrics['ipc']}", fontsize="medium")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

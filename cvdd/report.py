@@ -11,6 +11,7 @@ and the notebooks to execute, with per-notebook parameters:
     notebooks: [00_quickstart, 01_committee, ...]
     parameters: {03_synthesis: {ipc: 2}}
     paper_priors: {}          # optional: the paper's Table 15 column, shown next to the priors
+    metrics_file: metrics.json  # optional: which metrics.json of the run folder the report copies
 
 The notebooks run in a staging folder; only when all of them succeed are the executed
 notebooks, figures, metrics.json and results.md moved into the report folder, so a failed
@@ -37,7 +38,7 @@ from .session import project_path, project_root
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = {"name", "description", "config", "run_dir", "overrides", "notebooks", "parameters",
-                   "paper_priors", "paper_note"}
+                   "paper_priors", "paper_note", "metrics_file"}
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Experiment:
     parameters: dict[str, dict] = field(default_factory=dict)
     paper_priors: dict[str, float] = field(default_factory=dict)
     paper_note: str = ""
+    # The metrics.json the report copies, relative to the run folder (ablations write their own).
+    metrics_file: str = "metrics.json"
     path: str = ""
 
 
@@ -146,7 +149,10 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
     if metrics is not None:
         metrics["notebook_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         atomic_write_json(staging / "metrics.json", metrics)
-    atomic_write_text(staging / "results.md", results_markdown(spec, metrics, sorted(figures.glob("*.png")), seconds))
+    notes = out / "discussion.md"
+    text = results_markdown(spec, metrics, sorted(figures.glob("*.png")), seconds,
+                            notes.read_text() if notes.is_file() else "")
+    atomic_write_text(staging / "results.md", text)
     _move_into(staging, out)
     return out
 
@@ -157,7 +163,7 @@ def _run_metrics(spec: Experiment) -> dict | None:
 
     cfg = load_config(project_path(spec.config), [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()])
     run_dir = project_path(spec.run_dir) if spec.run_dir else project_path(cfg.resolved_run_dir())
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / spec.metrics_file
     return read_json(path) if path.is_file() else None
 
 
@@ -178,8 +184,13 @@ def _move_into(staging: Path, out: Path) -> None:
     shutil.rmtree(staging)
 
 
-def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path], seconds: dict[str, float]) -> str:
-    """results.md: the tables of metrics.json, the priors, times, memory and figures."""
+def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path], seconds: dict[str, float],
+                     discussion: str = "") -> str:
+    """Write results.md: the tables of metrics.json, the priors, times, memory and figures.
+
+    `discussion` is the report folder's hand-written discussion.md (the reading of the
+    numbers), placed after the tables; it is kept when the report is regenerated.
+    """
     from .pipeline import format_results
 
     lines = [f"# Report `{spec.name}`", ""]
@@ -204,6 +215,8 @@ def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path]
             lines.append(f"| {stage_name} | {value:.1f} | {peak / 2**30:.2f} |" if peak else f"| {stage_name} | {value:.1f} | - |")
         lines += ["", "Stage seconds are those of the run that did the work; a stage whose work was reused "
                   "counts only the time to check and load it.", ""]
+    if discussion:
+        lines += [discussion.strip(), ""]
     lines += ["## Notebooks", "", "| notebook | seconds to execute |", "|---|---|"]
     lines += [f"| [{n}]({n}.ipynb) | {s:.1f} |" for n, s in seconds.items()]
     lines += ["", "## Figures", ""]

@@ -1,8 +1,8 @@
 """One opened run: a config, its dataset, run folder and device, shared by the CLI and notebooks.
 
-`open_run` validates everything before it writes anything, the same way `cvdd` does on the
-command line, so a notebook with a bad parameter stops at that cell with the package's
-one-line message and the run folder is left as it was.
+`open_run` validates everything before it writes anything, as `cvdd` does on the command
+line. A notebook with a bad parameter therefore stops at that cell with the package's
+one-line message, and the run folder is left as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def project_root(start: str | Path | None = None) -> Path | None:
-    """The nearest folder at or above `start` (default: the working folder) that holds configs/ and cvdd/.
+    """The nearest folder at or above `start` (default: the working folder) that contains configs/ and cvdd/.
 
     Without `start`, a working folder outside the project falls back to the project this
     package was installed from in editable mode, if any.
@@ -119,7 +119,7 @@ class Session:
         return pretrain_committee(self.cfg, self.dataset, self.run, self.device)
 
     def committee(self, members: Sequence[str] | None = None) -> dict:
-        """The trained members as frozen models, training any that are missing first."""
+        """Load the trained members as frozen models, training any that are missing first."""
         from .train import load_committee
 
         self.train_committee()
@@ -132,7 +132,7 @@ class Session:
         return load_or_compute_priors(self.cfg, self.dataset, self.run, self.device, compute=compute)
 
     def distilled(self, method: str) -> dict:
-        """The distilled set of `method` from the run folder."""
+        """Load the distilled set of `method` from the run folder."""
         from .pipeline import load_distilled
 
         return load_distilled(self.run, method)
@@ -166,7 +166,7 @@ class Session:
         return summarize(results, cfg, self.dataset, priors, {})
 
     def eval_result(self, method: str, student: str, label_mode: str, seed: int) -> dict:
-        """One post-evaluation result file (curve, final and best top-1, protocol)."""
+        """Read one post-evaluation result file (curve, final and best top-1, protocol)."""
         path = self.run.eval_path(method, student, label_mode, seed)
         if not path.is_file():
             raise CvddError(f"no evaluation result at {str(path)!r}; run `cvdd evaluate` with student {student!r}, "

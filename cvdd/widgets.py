@@ -49,7 +49,7 @@ class SynthesisMonitor:
         self.updates = 0
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images so far, (N, C, H, W) in [0, 1], and their labels (N,)."""
+        """Return all images so far, (N, C, H, W) in [0, 1], and their labels (N,)."""
         images = self.finished_images + ([self.current_images] if self.current_images is not None else [])
         labels = self.finished_labels + ([self.current_labels] if self.current_labels is not None else [])
         if not images:
@@ -137,7 +137,7 @@ class SynthesisPanel:
         self._thread: threading.Thread | None = None
 
     def widget(self):
-        """The panel as one ipywidgets box, for `display`."""
+        """Return the panel as one ipywidgets box, for `display`."""
         import ipywidgets as w
 
         controls = w.VBox([
@@ -156,7 +156,7 @@ class SynthesisPanel:
         return [m for m, box in self.member_boxes.items() if box.value]
 
     def synthesis_config(self) -> SynthesisConfig:
-        """The run's synthesis config with the widget values, validated like a YAML config."""
+        """Build the run's synthesis config with the widget values, validated like a YAML config."""
         return self._validated(self.members(), self.temperature.value, self.experts.value, self.voter.value,
                                self.ipc.value, self.iterations.value)
 
@@ -224,7 +224,7 @@ class SynthesisPanel:
             self._thread.join(timeout)
 
     def figure(self):
-        """The latest curves as a matplotlib Figure (for static notebook output and reports)."""
+        """Draw the latest curves as a matplotlib Figure (for static notebook output and reports)."""
         if self.monitor is None:
             raise CvddError("the panel has not run yet; call run() or press Run first")
         return self.monitor.figure()

@@ -90,7 +90,7 @@ def lab(tmp_path, monkeypatch):
         log.close()
 
 
-def test_synthesis_panel_renders_and_its_live_plot_changes_after_a_run(lab):
+def test_panel_live_plot_changes_on_run(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
@@ -124,7 +124,7 @@ def test_synthesis_panel_renders_and_its_live_plot_changes_after_a_run(lab):
             expect(panel.locator(".widget-dropdown", has_text="voter")).to_be_visible()
             run_button = panel.locator("button.widget-button", has_text="Run")
             expect(run_button).to_be_visible()
-            # The foreground run of the notebook finishes and the panel says so.
+            # The notebook's own run finishes and the panel status shows it.
             status = panel.locator(".widget-html", has_text="done:")
             status.wait_for()
             plot = panel.locator("img").first

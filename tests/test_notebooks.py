@@ -1,8 +1,8 @@
 """The notebooks, executed as a user's batch job would run them: papermill and nbval, tiny parameters.
 
-00_quickstart runs the whole pipeline once into a module-wide run folder (two members,
-IPC 2, a few iterations and epochs); the other notebooks read that run folder, as they do
-in a report.
+00_quickstart runs the whole pipeline once into a module-wide run folder: two members,
+IPC 2, a few iterations and epochs. The other notebooks read that run folder, as they do in
+a report.
 """
 
 import json
@@ -30,6 +30,8 @@ TINY = {
 EXTRA = {
     "03_synthesis": {"members": MEMBERS, "iterations": 6, "update_every": 3},
     "05_post_evaluation": {"students": ["resnet18", "mobilenet_v2"]},
+    "08_ablation": {"ablation": "temperature", "variants": {"T1": {"synthesis.temperature": 1.0},
+                                                            "T50": {"synthesis.temperature": 50.0}}},
 }
 # The figures each notebook saves into figures_dir.
 FIGURES = {
@@ -40,6 +42,7 @@ FIGURES = {
     "04_soft_labels_bssl": ["bn_statistics_real_vs_distilled", "embedding_statistics_bssl"],
     "05_post_evaluation": ["student_curves"],
     "06_analysis": ["cosine_pixels", "cosine_features", "tsne_sre2lpp", "tsne_cvdd", "images_sre2lpp", "images_cvdd"],
+    "08_ablation": ["ablation_temperature"],
 }
 
 
@@ -107,8 +110,8 @@ def test_quickstart_runs_every_stage_and_shows_the_table(tiny_run):
 
 
 @pytest.mark.parametrize("name", ["01_committee", "02_prior_performance", "03_synthesis", "04_soft_labels_bssl",
-                                  "05_post_evaluation", "06_analysis"])
-def test_notebook_runs_on_the_quickstart_run_and_saves_its_figures(tiny_run, name, tmp_path):
+                                  "05_post_evaluation", "06_analysis", "08_ablation"])
+def test_stage_notebook_saves_its_figures(tiny_run, name, tmp_path):
     figures = tmp_path / "figures"
     params = {**common(tiny_run), "figures_dir": str(figures), **EXTRA.get(name, {})}
     nb = execute(name, tmp_path, **params)
@@ -123,7 +126,29 @@ def test_post_evaluation_trains_the_cross_architecture_students(tiny_run, tmp_pa
     execute("05_post_evaluation", tmp_path, **common(tiny_run), **EXTRA["05_post_evaluation"])
     for method in ("sre2l++", "cvdd"):
         saved = json.loads((tiny_run["run_dir"] / "eval" / method / "mobilenet_v2-soft-seed0.json").read_text())
-        assert saved["student"] == "mobilenet_v2" and saved["label_mode"] == "soft"
+        assert saved["student"] == "mobilenet_v2"
+        assert saved["label_mode"] == "soft"
+
+
+def test_ablation_rows_carry_the_setting_and_share_the_committee(tiny_run, tmp_path):
+    execute("08_ablation", tmp_path, **common(tiny_run), **EXTRA["08_ablation"])
+    folder = tiny_run["run_dir"] / "ablations" / "temperature"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    cvdd_soft = {r["temperature"]: r for r in metrics["results"] if r["method"] == "cvdd" and r["label_mode"] == "soft"}
+    assert sorted(cvdd_soft) == [1.0, 50.0]
+    assert cvdd_soft[1.0]["variant"] == "T1"
+    # The variants start from the base run's checkpoints (hard links), so no member was retrained.
+    for member in MEMBERS:
+        base = (tiny_run["run_dir"] / "committee" / f"{member}.pt").stat()
+        variant = (folder / "T1" / "committee" / f"{member}.pt").stat()
+        assert variant.st_ino == base.st_ino
+    # Each variant's soft-label teachers are weighted by softmax(alpha / T) with its own T.
+    weights = {t: json.loads((folder / v / "eval" / "cvdd" / "resnet18-soft-seed0.json").read_text())
+               ["protocol"]["teacher_weights"] for t, v in ((1.0, "T1"), (50.0, "T50"))}
+    priors = json.loads((tiny_run["run_dir"] / "priors.json").read_text())["alpha"]
+    for t, found in weights.items():
+        expected = [math.exp(priors[m] / t) for m in MEMBERS]
+        assert found == pytest.approx([e / sum(expected) for e in expected], abs=1e-6)
 
 
 def _printed_weights(nb) -> dict[str, float]:
@@ -155,8 +180,7 @@ def test_injected_temperature_changes_the_weights(tiny_run, tmp_path):
     ({"members": ["resnet18", "resnet19"]}, "resnet19"),
     ({"temperature": 0.0}, "temperature"),
 ])
-def test_invalid_parameter_stops_at_the_first_cell_using_it_with_one_line(tiny_run, tmp_path, parameters,
-                                                                          expected):
+def test_invalid_parameter_stops_with_one_line(tiny_run, tmp_path, parameters, expected):
     params = {**common(tiny_run), **EXTRA["03_synthesis"], **parameters}
     with pytest.raises(PapermillExecutionError):
         execute("03_synthesis", tmp_path, **params)
@@ -164,7 +188,8 @@ def test_invalid_parameter_stops_at_the_first_cell_using_it_with_one_line(tiny_r
     nb = nbformat.read(tmp_path / "03_synthesis.ipynb", as_version=4)
     assert "SynthesisPanel(" in nb.cells[index].source
     assert output.traceback == [f"cvdd: error: {output.evalue}"]
-    assert expected in output.evalue and "\n" not in output.evalue
+    assert expected in output.evalue
+    assert "\n" not in output.evalue
     # Nothing after the failed cell ran.
     assert all(not c.get("outputs") for c in nb.cells[index + 1:] if c.cell_type == "code")
 
@@ -175,8 +200,9 @@ def test_experiments_notebook_lists_experiments_and_collects_reports(tiny_run, t
     shutil.copy(tiny_run["run_dir"] / "metrics.json", reports / "tiny" / "metrics.json")
     nb = execute("07_experiments", tmp_path, experiment="digits", execute=False, reports_dir=str(reports))
     text = text_outputs(nb)
-    assert "digits" in text and "configs/digits.yaml" in text
-    assert "### tiny" in text and "| cvdd | resnet18 |" in text
+    assert "configs/digits.yaml" in text
+    assert "### tiny" in text
+    assert "| cvdd | resnet18 |" in text
 
 
 @pytest.mark.parametrize("name", ["00_quickstart", "03_synthesis", "06_analysis"])
@@ -212,7 +238,7 @@ def _cvdd(*args, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "CVDD_NO_PROGRESS": "1"}, timeout=600)
 
 
-def test_report_executes_notebooks_and_writes_tables_that_match_metrics(tiny_run, tmp_path):
+def test_report_tables_match_metrics(tiny_run, tmp_path):
     experiment = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee", "02_prior_performance"], TINY)
     result = _cvdd("report", str(experiment), "--reports-dir", str(tmp_path / "reports"), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -229,7 +255,7 @@ def test_report_executes_notebooks_and_writes_tables_that_match_metrics(tiny_run
         assert cell in line, (row, line)
     for member, alpha in metrics["priors"].items():
         assert f"| {member} | {alpha:.2f} | " in results
-    assert "| resnet18 | " in results and "75.41" in results
+    assert "75.41" in results
     assert "![weights_vs_temperature](figures/weights_vs_temperature.png)" in results
     assert not list(report.parent.glob("*.tmp-*"))
 
@@ -243,7 +269,9 @@ def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
     result = _cvdd("report", str(broken), "--reports-dir", str(reports), cwd=ROOT)
     assert result.returncode == 2
     error_lines = [x for x in result.stderr.splitlines() if x.startswith("cvdd: error:")]
-    assert len(error_lines) == 1 and "01_committee" in error_lines[0] and "synthesis.experts" in error_lines[0]
+    assert len(error_lines) == 1
+    assert "01_committee" in error_lines[0]
+    assert "synthesis.experts" in error_lines[0]
     after = {p: p.read_bytes() for p in (reports / "tiny").rglob("*") if p.is_file()}
     assert after == before
 

@@ -1,0 +1,124 @@
+"""Ablations: the same pipeline under several config variants, collected into one metrics.json.
+
+Each variant is a set of config overrides, for example {"synthesis.temperature": 1}. An
+ablation named A runs each variant V in its own run folder, <run>/ablations/A/V/, which
+starts from the base run's committee checkpoints and priors.json. The stages reuse them when
+the variant did not change what they were made with, and recompute them otherwise. The
+combined rows go to <run>/ablations/A/metrics.json, so the base run's own results stay. The rows of every variant carry the
+varied settings as keys ("temperature": 1, "voter": "equal", "committee": [...]), as
+metrics.json's ablation rows do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from .config import apply_override, config_from_dict, config_to_dict, config_to_yaml
+from .errors import ConfigError
+from .progress import tqdm
+from .runs import RunFolder, atomic_write_json, peak_rss_bytes
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+# Setting keys of metrics.json rows for override paths whose last part reads badly alone.
+SETTING_NAMES = {"committee.members": "committee", "evaluate.bssl": "bssl", "synthesis.experts": "experts",
+                 "synthesis.temperature": "temperature", "synthesis.voter": "voter"}
+
+
+def setting_of(overrides: Mapping[str, object]) -> dict:
+    """Return the row keys of a variant: {"synthesis.temperature": 1} -> {"temperature": 1}."""
+    return {SETTING_NAMES.get(path, path.rsplit(".", 1)[-1]): value for path, value in overrides.items()}
+
+
+def _share(source: Path, target: Path) -> None:
+    """Give `target` the file `source` (a hard link where possible), unless it already has one.
+
+    A variant that retrains a member writes a new file and renames it over the link, so the
+    base run's checkpoint is never changed through the link.
+    """
+    if target.exists() or not source.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _check_folder_name(kind: str, name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"{kind} name {name!r} is not a plain folder name; use letters, digits and dashes")
+
+
+def ablation_folder(base: Session, ablation: str) -> Path:
+    _check_folder_name("ablation", ablation)
+    return base.run.root / "ablations" / ablation
+
+
+def variant_session(base: Session, ablation: str, name: str, overrides: Mapping[str, object]) -> Session:
+    """Build the session of one variant: base config plus `overrides`, in <run>/ablations/<ablation>/<name>/."""
+    from .session import check_stage_inputs
+
+    _check_folder_name("variant", name)
+    data = config_to_dict(base.cfg)
+    for path, value in overrides.items():
+        apply_override(data, f"{path}={json.dumps(value)}")
+    run = RunFolder(ablation_folder(base, ablation) / name)
+    data["run_dir"] = str(run.root)
+    cfg = config_from_dict(data)
+    check_stage_inputs(cfg, base.dataset)
+    return Session(cfg, base.dataset, run, base.device)
+
+
+def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[str, object]]) -> dict:
+    """Run the pipeline for every variant and return the combined metrics (metrics.json's shape).
+
+    Args:
+        base: the opened run whose committee and priors the variants start from.
+        ablation: the ablation's name, its folder under <run>/ablations/.
+        variants: variant name -> config overrides.
+
+    Every variant is checked before any of them runs, so a bad one fails before hours of
+    work. The base run's committee is trained first if it is missing, once for all variants.
+    """
+    from .pipeline import run_pipeline
+    from .runs import atomic_write_text
+
+    if not variants:
+        raise ConfigError("no variants given; pass {name: {config.key: value}} for at least one variant")
+    sessions = {name: variant_session(base, ablation, name, overrides) for name, overrides in variants.items()}
+    base.train_committee()
+    if any(m in ("cvdd", "random") for m in base.cfg.methods):
+        base.priors()
+    rows, stage_seconds, priors = [], {}, {}
+    for name, session in tqdm(sessions.items(), desc="variants", unit="variant"):
+        session.run.create()
+        for arch in session.cfg.committee.members:
+            _share(base.run.member_path(arch), session.run.member_path(arch))
+            _share(base.run.root / "prior" / "committee" / f"{arch}.pt",
+                   session.run.root / "prior" / "committee" / f"{arch}.pt")
+        _share(base.run.priors_path, session.run.priors_path)
+        atomic_write_text(session.run.config_path, config_to_yaml(session.cfg))
+        log.info("variant %s: %s", name, dict(variants[name]))
+        metrics = run_pipeline(session.cfg, session.dataset, session.run, session.device)
+        setting = setting_of(variants[name])
+        for row in metrics["results"]:
+            rows.append({**row, "variant": name, **setting})
+        stage_seconds[name] = metrics["stage_seconds"]
+        priors[name] = metrics["priors"]
+    combined = {
+        "dataset": base.dataset.name, "ipc": base.cfg.synthesis.ipc, "results": rows,
+        "priors": next(iter(priors.values())), "variants": {n: dict(v) for n, v in variants.items()},
+        "variant_priors": priors, "std": "sample standard deviation over seeds (ddof=1)",
+        "stage_seconds": {k: round(sum(v.get(k, 0.0) for v in stage_seconds.values()), 1)
+                          for k in ("committee", "prior", "synthesis", "evaluate")},
+        "variant_stage_seconds": stage_seconds, "peak_rss_bytes": peak_rss_bytes(),
+    }
+    atomic_write_json(ablation_folder(base, ablation) / "metrics.json", combined)
+    return combined

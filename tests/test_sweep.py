@@ -1,0 +1,29 @@
+from cvdd.pipeline import format_results, row_setting
+from cvdd.sweep import setting_of
+
+
+def test_setting_of_names_rows_like_metrics_json():
+    overrides = {"synthesis.temperature": 1, "committee.members": ["resnet18"], "evaluate.bssl": False,
+                 "synthesis.voter": "equal", "evaluate.epochs": 50}
+    assert setting_of(overrides) == {"temperature": 1, "committee": ["resnet18"], "bssl": False, "voter": "equal",
+                                     "epochs": 50}
+
+
+def _row(method, mode, top1, **setting):
+    return {"method": method, "student": "resnet18", "ipc": 10, "label_mode": mode, "top1_mean": top1,
+            "top1_std": 0.01, "top1_per_seed": [top1], "best_top1_mean": top1, "seeds": [0], **setting}
+
+
+def test_format_results_adds_setting_column_for_ablation_rows():
+    rows = [_row("cvdd", "soft", 0.5, variant="T1", temperature=1), _row("cvdd", "soft", 0.6, variant="T5", temperature=5)]
+    text = format_results({"dataset": "digits", "ipc": 10, "results": rows})
+    assert "| method | student | setting | soft label | hard label |" in text
+    assert "| cvdd | resnet18 | temperature=1 | 50.00 ± 1.00 | - |" in text
+    assert "| cvdd | resnet18 | temperature=5 | 60.00 ± 1.00 | - |" in text
+
+
+def test_format_results_plain_rows_have_no_setting_column():
+    text = format_results({"dataset": "digits", "ipc": 10, "results": [_row("cvdd", "hard", 0.25)]})
+    assert "| method | student | soft label | hard label |" in text
+    assert "| cvdd | resnet18 | - | 25.00 ± 1.00 |" in text
+    assert row_setting(_row("cvdd", "hard", 0.25)) == ""
