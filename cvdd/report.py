@@ -12,6 +12,8 @@ and the notebooks to execute, with per-notebook parameters:
     parameters: {03_synthesis: {ipc: 2}}
     paper_priors: {}          # optional: the paper's Table 15 column, shown next to the priors
     metrics_file: metrics.json  # optional: which metrics.json of the run folder the report copies
+    paper_results: {}         # optional: {variant or "main": {method: the paper's top-1 in %}}
+    paper_source: ""          # optional: where paper_results come from (table, dataset, scale)
 
 The notebooks run in a staging folder; only when all of them succeed are the executed
 notebooks, figures, metrics.json and results.md moved into the report folder, so a failed
@@ -38,7 +40,7 @@ from .session import project_path, project_root
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = {"name", "description", "config", "run_dir", "overrides", "notebooks", "parameters",
-                   "paper_priors", "paper_note", "metrics_file"}
+                   "paper_priors", "paper_note", "metrics_file", "paper_results", "paper_source"}
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Experiment:
     paper_note: str = ""
     # The metrics.json the report copies, relative to the run folder (ablations write their own).
     metrics_file: str = "metrics.json"
+    # The paper's top-1 (%) for the same rows: {variant: {method: value}}; "main" names a run without variants.
+    paper_results: dict[str, dict[str, float]] = field(default_factory=dict)
+    paper_source: str = ""
     path: str = ""
 
 
@@ -206,6 +211,7 @@ def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path]
         lines += ["## Results", "", format_results(metrics).split("\n", 1)[1].rsplit("\npriors", 1)[0], "",
                   "Final-epoch test top-1 in percent, mean ± sample standard deviation over seeds "
                   f"{_seeds(metrics)}.", ""]
+        lines += _paper_section(spec, metrics)
         lines += _fair_section(metrics)
         lines += _priors_section(spec, metrics)
         lines += ["## Time and memory", "", "| stage | seconds | peak RSS (GiB) |", "|---|---|---|"]
@@ -227,6 +233,21 @@ def results_markdown(spec: Experiment, metrics: dict | None, figures: list[Path]
 def _seeds(metrics: dict) -> str:
     seeds = sorted({s for row in metrics.get("results", []) for s in row.get("seeds", [])})
     return str(seeds)
+
+
+def _paper_section(spec: Experiment, metrics: dict) -> list[str]:
+    """Our soft-label top-1 next to the paper's for the rows the experiment file names."""
+    if not spec.paper_results:
+        return []
+    lines = ["## Beside the paper", "", spec.paper_source.strip(), "",
+             "| variant | method | here: soft top-1 (%) | paper: top-1 (%) |", "|---|---|---|---|"]
+    for variant, methods in spec.paper_results.items():
+        for method, value in methods.items():
+            found = [r for r in metrics.get("results", []) if r["method"] == method and r["label_mode"] == "soft"
+                     and r.get("variant", "main") == variant]
+            here = f"{100 * found[0]['top1_mean']:.2f} ± {100 * found[0]['top1_std']:.2f}" if found else "not run"
+            lines.append(f"| {variant} | {method} | {here} | {value:.1f} |")
+    return lines + [""]
 
 
 def _fair_section(metrics: dict) -> list[str]:

@@ -56,18 +56,32 @@ def _check_folder_name(kind: str, name: str) -> None:
         raise ConfigError(f"{kind} name {name!r} is not a plain folder name; use letters, digits and dashes")
 
 
+def _share_finished_work(base: RunFolder, variant: RunFolder) -> None:
+    """Link the base run's checkpoints, priors, distilled items and results into a variant.
+
+    Each stage checks the fingerprint of what it finds, so the variant reuses exactly what
+    its settings did not change (a variant without overrides reuses everything).
+    """
+    _share(base.priors_path, variant.priors_path)
+    for folder in ("committee", "prior", "distilled", "eval"):
+        for path in sorted((base.root / folder).rglob("*")):
+            if path.is_file() and ".partial" not in path.name:
+                _share(path, variant.root / path.relative_to(base.root))
+
+
 def ablation_folder(base: Session, ablation: str) -> Path:
     _check_folder_name("ablation", ablation)
     return base.run.root / "ablations" / ablation
 
 
-def variant_session(base: Session, ablation: str, name: str, overrides: Mapping[str, object]) -> Session:
+def variant_session(base: Session, ablation: str, name: str, overrides: Mapping[str, object],
+                    shared: Mapping[str, object] | None = None) -> Session:
     """Build the session of one variant: base config plus `overrides`, in <run>/ablations/<ablation>/<name>/."""
     from .session import check_stage_inputs
 
     _check_folder_name("variant", name)
     data = config_to_dict(base.cfg)
-    for path, value in overrides.items():
+    for path, value in {**(shared or {}), **overrides}.items():
         apply_override(data, f"{path}={json.dumps(value)}")
     run = RunFolder(ablation_folder(base, ablation) / name)
     data["run_dir"] = str(run.root)
@@ -76,13 +90,16 @@ def variant_session(base: Session, ablation: str, name: str, overrides: Mapping[
     return Session(cfg, base.dataset, run, base.device)
 
 
-def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[str, object]]) -> dict:
+def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[str, object]],
+                 shared: Mapping[str, object] | None = None) -> dict:
     """Run the pipeline for every variant and return the combined metrics (metrics.json's shape).
 
     Args:
         base: the opened run whose committee and priors the variants start from.
         ablation: the ablation's name, its folder under <run>/ablations/.
         variants: variant name -> config overrides.
+        shared: overrides applied to every variant first (for example the methods to run),
+            which leave the base run's own config as it is.
 
     Every variant is checked before any of them runs, so a bad one fails before hours of
     work. The base run's committee is trained first if it is missing, once for all variants.
@@ -92,18 +109,14 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
 
     if not variants:
         raise ConfigError("no variants given; pass {name: {config.key: value}} for at least one variant")
-    sessions = {name: variant_session(base, ablation, name, overrides) for name, overrides in variants.items()}
+    sessions = {name: variant_session(base, ablation, name, overrides, shared) for name, overrides in variants.items()}
     base.train_committee()
     if any(m in ("cvdd", "random") for m in base.cfg.methods):
         base.priors()
     rows, stage_seconds, priors = [], {}, {}
     for name, session in tqdm(sessions.items(), desc="variants", unit="variant"):
         session.run.create()
-        for arch in session.cfg.committee.members:
-            _share(base.run.member_path(arch), session.run.member_path(arch))
-            _share(base.run.root / "prior" / "committee" / f"{arch}.pt",
-                   session.run.root / "prior" / "committee" / f"{arch}.pt")
-        _share(base.run.priors_path, session.run.priors_path)
+        _share_finished_work(base.run, session.run)
         atomic_write_text(session.run.config_path, config_to_yaml(session.cfg))
         log.info("variant %s: %s", name, dict(variants[name]))
         metrics = run_pipeline(session.cfg, session.dataset, session.run, session.device)
@@ -114,7 +127,7 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
         priors[name] = metrics["priors"]
     combined = {
         "dataset": base.dataset.name, "ipc": base.cfg.synthesis.ipc, "results": rows,
-        "priors": next(iter(priors.values())), "variants": {n: dict(v) for n, v in variants.items()},
+        "priors": next(iter(priors.values())), "variants": {n: dict(v) for n, v in variants.items()}, "shared": dict(shared or {}),
         "variant_priors": priors, "std": "sample standard deviation over seeds (ddof=1)",
         "stage_seconds": {k: round(sum(v.get(k, 0.0) for v in stage_seconds.values()), 1)
                           for k in ("committee", "prior", "synthesis", "evaluate")},
