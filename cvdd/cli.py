@@ -224,10 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        distributed.init_from_env()
+        if not distributed.is_main():
+            # Every rank runs the command; only rank 0 prints tables and summaries.
+            sys.stdout = open(os.devnull, "w")
         code = args.func(args)
     except CvddError as exc:
         print(f"cvdd: error: {exc}", file=sys.stderr)
@@ -235,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvdd: interrupted; rerun the same command to continue from the last finished item", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     log.debug("command %s took %.1f s", args.command, time.perf_counter() - start)
     return code
 

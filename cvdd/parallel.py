@@ -39,9 +39,16 @@ def map_jobs(func: Callable, jobs: Iterable, setup: Callable, setup_args: tuple,
     With `workers` > 1, jobs run in that many spawned processes whose context is built
     once per process by `setup(*setup_args)`; `func` and `setup` must be module-level
     functions. With one worker, jobs run here with `in_process_context` (or a fresh setup).
-    Workers append their log records to `log_file` as well as to stderr.
+    Workers append their log records to `log_file` as well as to stderr. Under torchrun
+    the ranks split the jobs instead (see cvdd.distributed).
     """
+    from . import distributed
+
     jobs = list(jobs)
+    if distributed.active():
+        # Under torchrun the ranks share the jobs out; each rank runs its own in this process.
+        context = in_process_context if in_process_context is not None else setup(*setup_args)
+        return distributed.map_sharded(lambda job: func(context, job), jobs)
     if workers <= 1 or len(jobs) <= 1:
         context = in_process_context if in_process_context is not None else setup(*setup_args)
         return [func(context, job) for job in jobs]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import RunConfig, fingerprint
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
@@ -65,6 +66,10 @@ def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
     for method in methods:
         out_dir = run.distilled_dir(method)
         if method == "random":
+            # One rank writes the subset; the others read the same deterministic draw.
+            if distributed.is_main():
+                random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir, train_indices=train_indices)
+            distributed.barrier()
             outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir, train_indices=train_indices)
             continue
         if committee is None:

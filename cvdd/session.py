@@ -185,7 +185,9 @@ def prepare(cfg: RunConfig, checks: Callable | None = None, console_log: bool = 
     `checks(cfg, dataset, run)` runs before anything is written, so bad input leaves the
     run folder as it was.
     """
-    device = resolve_device(cfg.device)
+    from . import distributed
+
+    device = distributed.device(str(resolve_device(cfg.device)))
     if console_log:
         setup_logging()
     dataset = load_dataset(cfg.data)
@@ -198,6 +200,8 @@ def prepare(cfg: RunConfig, checks: Callable | None = None, console_log: bool = 
     setup_logging(run.log_path, console=console_log)
     atomic_write_text(run.config_path, config_to_yaml(cfg))
     log.info("run folder %s, device %s, %s", run.root, device, dataset.describe())
+    if distributed.active():
+        log.info(distributed.describe())
     return Session(cfg, dataset, run, device)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from .progress import tqdm
 
+from . import distributed
 from .augment import random_resized_crop, random_roll
 from .bn import BNStatisticsHook, bn_matching_loss, require_batchnorm
 from .config import SynthesisConfig, config_to_dict, fingerprint
@@ -269,18 +270,17 @@ def distill(
             return saved
 
     item_dir = out_dir / "items"
-    all_rows: list[dict] = []
     start = time.perf_counter()
     try:
         for name in draws_from:
             experts_all[name] = Expert(name, committee[name], float(priors.get(name, 0.0)), needs_bn)
-        bar = tqdm(items, desc=f"distill {method}", leave=False)
+        # Under torchrun each rank optimises its share of the items (see cvdd.distributed).
+        bar = tqdm(distributed.shard(items), desc=f"distill {method}", leave=False)
         for item in bar:
             path = item_dir / f"{item.name}.pt"
             if path.is_file():
                 saved = torch.load(path, weights_only=False)
                 if saved.get("fingerprint") == key:
-                    all_rows += saved["rows"]
                     continue
             item_seed = seed_for(seed, method, item.ipc_index, item.block)
             draw_generator = torch.Generator().manual_seed(
@@ -305,23 +305,30 @@ def distill(
             )
             atomic_torch_save({"fingerprint": key, "images": images, "labels": torch.tensor(item.classes),
                                "experts": chosen_names, "weights": weights.cpu(), "rows": rows}, path)
-            all_rows += rows
             bar.set_postfix(experts="+".join(chosen_names))
     finally:
         for expert in experts_all.values():
             if expert.hook is not None:
                 expert.hook.remove()
 
-    return merge_items(method, items, item_dir, dataset, out_dir, key, cfg, all_rows, time.perf_counter() - start)
+    distributed.barrier()
+    if distributed.is_main():
+        result = merge_items(method, items, item_dir, dataset, out_dir, key, cfg, time.perf_counter() - start)
+    distributed.barrier()
+    if not distributed.is_main():
+        result = torch.load(out_dir / "images.pt", weights_only=False)
+    return result
 
 
-def merge_items(method, items, item_dir, dataset, out_dir, key, cfg, rows, seconds) -> dict:
+def merge_items(method, items, item_dir, dataset, out_dir, key, cfg, seconds) -> dict:
     """Join the finished item files into images.pt, synthesis.csv and a PNG ImageFolder tree."""
     images = torch.empty(cfg.ipc * dataset.num_classes, dataset.channels, dataset.image_size, dataset.image_size)
     labels = torch.empty(cfg.ipc * dataset.num_classes, dtype=torch.long)
     draws = []
+    rows = []
     for item in items:
         saved = torch.load(item_dir / f"{item.name}.pt", weights_only=False)
+        rows += saved["rows"]
         # Order: class-major, so images of class c are rows c*ipc .. c*ipc+ipc-1.
         for position, cls in enumerate(item.classes):
             row = cls * cfg.ipc + item.ipc_index
