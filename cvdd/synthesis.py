@@ -195,7 +195,8 @@ def synthesize_item(
 def synthesis_fingerprint(method: str, cfg: SynthesisConfig, dataset: ImageDataset, members: list[str],
                           priors: dict[str, float], seed: int, member_ids: dict[str, str]) -> str:
     relevant_priors = {m: priors.get(m) for m in members} if method == "cvdd" else {}
-    return fingerprint(method, cfg, dataset.identity, members, relevant_priors, seed, member_ids)
+    return fingerprint(method, cfg, dataset.identity, members, relevant_priors, seed, member_ids,
+                       "init: random subset draw")
 
 
 def distill(
@@ -253,7 +254,9 @@ def distill(
 
     real_indices = None
     if init == "real":
-        init_generator = torch.Generator().manual_seed(seed_for(seed, "init-real"))
+        # The same draw as random_subset: real-initialised methods start from the random
+        # subset's images, so their gain over it is what the optimisation adds.
+        init_generator = torch.Generator().manual_seed(seed_for(seed, "random-subset"))
         labels = dataset.train.labels if train_indices is None else dataset.train.labels[train_indices]
         chosen = sample_per_class(labels, dataset.num_classes, cfg.ipc, init_generator)
         real_indices = chosen if train_indices is None else train_indices[chosen]

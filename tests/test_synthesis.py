@@ -375,3 +375,14 @@ def test_distill_ipc2_class_major_order(digits, committee, tmp_path):
     for cls, name in enumerate(digits.class_names):
         assert (tmp_path / "png" / name / "0000.png").is_file()
         assert (tmp_path / "png" / name / "0001.png").is_file()
+
+
+def test_real_initialisation_starts_from_the_random_subset(digits, committee, tmp_path):
+    from cvdd.synthesis import random_subset
+
+    # One step at a negligible lr leaves the images where they started.
+    cfg = SynthesisConfig(ipc=2, iterations=1, lr=1e-9)
+    distilled = distill("sre2l++", committee, {}, digits, cfg, tmp_path / "sre2l++", "cpu", seed=3)
+    subset = random_subset(digits, ipc=2, seed=3)
+    assert torch.equal(distilled["labels"], subset["labels"])
+    assert torch.allclose(distilled["images"], subset["images"], atol=1e-6)
