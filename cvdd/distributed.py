@@ -1,10 +1,9 @@
 """torchrun support: process ranks, sharding of work items, and gathering their results.
 
 Under `torchrun --nproc_per_node=K -m cvdd ...` every rank runs the same command. Work
-that is split into items (synthesis batches, committee members, priors, students) is
-shared out by item index, rank r taking items r, r + K, r + 2K, ...; each item still
-writes its own file, and the results are gathered so that every rank continues with all
-of them. The backend is gloo on CPUs and NCCL on GPUs; torchrun's rendezvous options
+split into items (synthesis batches, committee members, priors, students) is shared out by
+item index: rank r takes items r, r + K, r + 2K and so on. Each item still writes its own
+file, and the results are gathered so that every rank continues with all of them. The backend is gloo on CPUs and NCCL on GPUs; torchrun's rendezvous options
 (--nnodes, --rdzv-endpoint) spread the ranks over several machines.
 """
 
@@ -67,7 +66,7 @@ def barrier() -> None:
 
 
 def device(name: str) -> torch.device:
-    """The device of this rank: its own GPU under torchrun when `name` asks for CUDA."""
+    """Return the device of this rank: its own GPU under torchrun when `name` is a CUDA device."""
     resolved = torch.device(name)
     if active() and resolved.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -75,7 +74,7 @@ def device(name: str) -> torch.device:
 
 
 def shard(items: Sequence) -> list:
-    """The items of this rank: indices rank, rank + world size, ..."""
+    """Return the items of this rank: indices rank, rank + world size, and so on."""
     return list(items)[rank()::world_size()]
 
 

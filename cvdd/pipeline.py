@@ -277,19 +277,26 @@ def run_pipeline(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, 
         with stage("prior", timings):
             priors = load_or_compute_priors(cfg, dataset, run, device)
         peaks["prior"] = peak_rss_bytes()
+    results = _distil_and_evaluate(cfg, dataset, run, device, priors, timings, peaks, callback)
+    metrics = summarize(results, cfg, dataset, priors, timings, peaks)
+    atomic_write_json(run.metrics_path, metrics)
+    return metrics
+
+
+def _distil_and_evaluate(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
+                         timings: dict, peaks: dict, callback) -> list[dict]:
+    """Run the synthesis and evaluation stages, recording their seconds and peak memory."""
     with stage("synthesis", timings):
         run_synthesis(cfg, dataset, run, device, priors, list(cfg.methods), callback=callback)
     peaks["synthesis"] = peak_rss_bytes()
     with stage("evaluate", timings):
         results = run_evaluation(cfg, dataset, run, device, priors, list(cfg.methods))
     peaks["evaluate"] = peak_rss_bytes()
-    metrics = summarize(results, cfg, dataset, priors, timings, peaks)
-    atomic_write_json(run.metrics_path, metrics)
-    return metrics
+    return results
 
 
 def run_validation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, callback=None) -> dict:
-    """The pipeline on Algorithm 1's split, for choosing settings without the test split.
+    """Run the pipeline on Algorithm 1's split, for choosing settings without the test split.
 
     Algorithm 1 trains each member on prior.train_fraction of the training rows. Here those
     members distil (real images from the same rows) and label, and students are tested on
@@ -301,12 +308,7 @@ def run_validation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
         priors = load_or_compute_priors(cfg, dataset, run, device)
     peaks["prior"] = peak_rss_bytes()
     validation = ValidationFolder(run).create()
-    with stage("synthesis", timings):
-        run_synthesis(cfg, dataset, validation, device, priors, list(cfg.methods), callback=callback)
-    peaks["synthesis"] = peak_rss_bytes()
-    with stage("evaluate", timings):
-        results = run_evaluation(cfg, dataset, validation, device, priors, list(cfg.methods))
-    peaks["evaluate"] = peak_rss_bytes()
+    results = _distil_and_evaluate(cfg, dataset, validation, device, priors, timings, peaks, callback)
     metrics = summarize(results, cfg, dataset, priors, timings, peaks)
     train_rows, held_out = split_indices(cfg, dataset)
     metrics["validation"] = {"members": "Algorithm 1's members", "train_rows": len(train_rows),

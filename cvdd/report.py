@@ -163,7 +163,7 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
 
 
 def _run_metrics(spec: Experiment) -> dict | None:
-    """The run folder's metrics.json, if the experiment's notebooks produced one."""
+    """Read the run folder's metrics.json, if the experiment's notebooks produced one."""
     from .config import load_config
 
     cfg = load_config(project_path(spec.config), [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()])
@@ -236,7 +236,7 @@ def _seeds(metrics: dict) -> str:
 
 
 def _paper_section(spec: Experiment, metrics: dict) -> list[str]:
-    """Our soft-label top-1 next to the paper's for the rows the experiment file names."""
+    """List our soft-label top-1 next to the paper's (Cui et al.) for the rows the experiment file names."""
     if not spec.paper_results:
         return []
     lines = ["## Beside the paper", "", spec.paper_source.strip(), "",
@@ -276,7 +276,7 @@ def _priors_section(spec: Experiment, metrics: dict) -> list[str]:
 
 
 def collect_reports(reports_dir: str | Path = "reports") -> str:
-    """The results tables of every report folder that holds a metrics.json, as Markdown."""
+    """Collect the results tables of every report folder that contains a metrics.json, as Markdown."""
     from .pipeline import format_results
 
     folder = project_path(reports_dir)
