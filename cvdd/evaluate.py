@@ -80,7 +80,7 @@ def check_class_names(distilled: dict, dataset: ImageDataset, committee_names: l
 def train_student(
     images: torch.Tensor, labels: torch.Tensor, dataset: ImageDataset, cfg: EvalConfig, student: str,
     width: float, device: torch.device, seed: int, committee: Committee | None = None,
-    label_mode: str = "soft", test_split=None, desc: str = "student",
+    label_mode: str = "soft", test_split=None, desc: str = "student", flip: bool = True,
 ) -> dict:
     """Train a freshly initialised student on (images, labels) and measure test top-1.
 
@@ -89,6 +89,7 @@ def train_student(
         labels: (N,) class indices (used by hard-label mode and for the class check).
         committee: teachers and weights for soft labels; required when `label_mode` is soft.
         test_split: the split to measure top-1 on (default: the dataset's test split).
+        flip: flip training images at random (follow train.flip of the committee).
 
     Returns:
         a dict with the curve, `top1` (final epoch), `best_top1`, `best_epoch` and the protocol.
@@ -128,7 +129,7 @@ def train_student(
             batch_index = order[first:last].to(device)
             x = normalized[batch_index]
             y = labels[batch_index]
-            crop = sample_crop_params(len(x), x.shape[-1], scale=cfg.crop_scale, flip=True, generator=generator)
+            crop = sample_crop_params(len(x), x.shape[-1], scale=cfg.crop_scale, flip=flip, generator=generator)
             x = apply_crop(x, crop)
             lam, partner = 1.0, None
             if cfg.cutmix_alpha > 0:
@@ -170,7 +171,7 @@ def train_student(
             "label_mode": label_mode, "loss": "kl" if label_mode == "soft" else "cross_entropy",
             "tau": cfg.tau if label_mode == "soft" else None, "bssl": cfg.bssl if label_mode == "soft" else None,
             "soft_label_space": cfg.soft_label_space if label_mode == "soft" else None,
-            "augmentation": {"random_resized_crop": list(cfg.crop_scale), "flip": True,
+            "augmentation": {"random_resized_crop": list(cfg.crop_scale), "flip": flip,
                              "cutmix_alpha": cfg.cutmix_alpha},
             "epochs": cfg.epochs, "batch_size": batch_size,
             "optimizer": {"name": "adamw", "lr": cfg.lr, "weight_decay": cfg.weight_decay,

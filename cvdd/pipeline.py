@@ -76,7 +76,7 @@ def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
             committee = load_committee(cfg, dataset, run, device)
         outputs[method] = distill(method, committee, priors, dataset, cfg.synthesis, out_dir, device,
                                   seed=cfg.seed, single_member=cfg.single_member, callback=callback,
-                                  member_ids=ids, train_indices=train_indices)
+                                  member_ids=ids, train_indices=train_indices, flip=cfg.train.flip)
         log.info("distilled %d images with %s in %.1f s", len(outputs[method]["images"]), method,
                  outputs[method]["seconds"])
     return outputs
@@ -110,9 +110,10 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
         for student in cfg.evaluate.students:
             for mode in cfg.evaluate.label_modes:
                 for seed in cfg.evaluate.seeds:
+                    # Only the flip-free case adds a part, so results made with flips keep their keys.
                     key = fingerprint(distilled["fingerprint"], method_eval_config(cfg, method), student, width, mode,
                                       seed, list(teachers.teachers), teachers.weights.tolist(),
-                                      {m: ids[m] for m in teachers.teachers})
+                                      {m: ids[m] for m in teachers.teachers}, *([] if cfg.train.flip else ["no flip"]))
                     jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
                                  "path": str(run.eval_path(method, student, mode, seed))})
     return jobs
@@ -138,7 +139,7 @@ def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, prio
         distilled["images"], distilled["labels"], dataset, method_eval_config(cfg, job["method"]), job["student"],
         width, device, seed_for(job["seed"], "student", job["method"], job["student"]), committee=teachers,
         label_mode=job["mode"], desc=f"{job['method']} {job['student']} {job['mode']} seed {job['seed']}",
-        test_split=test_split,
+        test_split=test_split, flip=cfg.train.flip,
     )
     # "seed" is the evaluation seed of the config; the student's derived torch seed is kept beside it.
     result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"],
@@ -279,8 +280,25 @@ def run_pipeline(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, 
         peaks["prior"] = peak_rss_bytes()
     results = _distil_and_evaluate(cfg, dataset, run, device, priors, timings, peaks, callback)
     metrics = summarize(results, cfg, dataset, priors, timings, peaks)
+    metrics["real_hard"] = real_hard_reference(cfg, run)
     atomic_write_json(run.metrics_path, metrics)
     return metrics
+
+
+def real_hard_reference(cfg: RunConfig, run: RunFolder) -> dict:
+    """Test top-1 of each student architecture trained on all real training images, where known.
+
+    A committee member of the student's architecture and width was trained with hard labels
+    on the whole training split, so its accuracy stands in for acc(real, hard) in HLR.
+    NOTE: it follows the committee's training recipe, not the student's post-evaluation protocol.
+    """
+    width = cfg.evaluate.student_width or cfg.committee.width
+    reference = {}
+    for student in cfg.evaluate.students:
+        if student in cfg.committee.members and cfg.member_width(student) == width and run.member_path(student).is_file():
+            payload = torch.load(run.member_path(student), map_location="cpu", weights_only=False)
+            reference[student] = {"top1": float(payload["accuracy"]), "source": f"committee member {student}"}
+    return reference
 
 
 def _distil_and_evaluate(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,

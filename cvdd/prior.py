@@ -30,7 +30,9 @@ def prior_fingerprint(cfg: RunConfig, dataset: ImageDataset) -> str:
     _, _, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
     eval_part = {k: v for k, v in config_to_dict(eval_cfg).items() if k not in ("seeds", "students", "label_modes")}
     members = {m: (cfg.member_width(m), config_to_dict(cfg.member_train(m))) for m in cfg.committee.members}
-    return fingerprint("prior", cfg.prior, members, synthesis_cfg, eval_part, dataset.identity, cfg.seed)
+    # Only the flip-free case adds a part, so priors computed with flips keep their keys.
+    no_flip = [] if cfg.train.flip else ["no flip"]
+    return fingerprint("prior", cfg.prior, members, synthesis_cfg, eval_part, dataset.identity, cfg.seed, *no_flip)
 
 
 def read_saved_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder) -> dict[str, float] | None:
@@ -118,12 +120,13 @@ def _prior_member(context: dict, arch: str) -> dict:
 
     distilled = distill("sre2l++", {arch: model}, {}, dataset, synthesis_cfg,
                         run.root / "prior" / "distilled" / arch, device, seed=cfg.seed,
-                        single_member=arch, member_ids={arch: member_key}, train_indices=train_idx)
+                        single_member=arch, member_ids={arch: member_key}, train_indices=train_idx,
+                        flip=cfg.train.flip)
     committee = Committee({arch: model}, torch.ones(1), list(dataset.class_names))
     result = train_student(distilled["images"], distilled["labels"], dataset, eval_cfg, pcfg.student,
                            student_width, device, seed_for(cfg.seed, "prior-student", arch),
                            committee=committee, label_mode="soft", test_split=SubsetSplit(dataset.train, eval_idx),
-                           desc=f"prior student {arch}")
+                           desc=f"prior student {arch}", flip=cfg.train.flip)
     alpha = 100.0 * result["top1"]
     log.info("prior of %s: alpha = %.2f%% (student %s on the held-out %d images)", arch, alpha,
              pcfg.student, len(eval_idx))

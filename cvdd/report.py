@@ -256,7 +256,13 @@ def _fair_section(metrics: dict) -> list[str]:
     methods = {row["method"] for row in metrics.get("results", [])}
     if "random" not in methods or len(methods) < 2:
         return []
-    return ["## Fair metrics", "", format_fair_table(fair_rows(metrics)), ""]
+    reference = metrics.get("real_hard") or {}
+    real_hard = {student: r["top1"] for student, r in reference.items()}
+    note = ("HLR uses, as acc(real, hard), the committee member of the student's architecture and width, "
+            "trained with hard labels on the whole training split: "
+            + ", ".join(f"{s} {100 * t:.2f}%" for s, t in real_hard.items()) + "." if real_hard else
+            "HLR, alpha and LRS need acc(real, hard), which this run does not have.")
+    return ["## Fair metrics", "", format_fair_table(fair_rows(metrics, real_hard=real_hard)), "", note, ""]
 
 
 def _priors_section(spec: Experiment, metrics: dict) -> list[str]:

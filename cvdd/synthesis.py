@@ -115,7 +115,7 @@ def initial_images(
 def synthesize_item(
     item: WorkItem, experts: list[Expert], weights: torch.Tensor, dataset: ImageDataset,
     cfg: SynthesisConfig, init_images: torch.Tensor, device, seed: int, use_crop: bool,
-    callback: Callable | None = None, online: bool = False, partial: bool = False,
+    callback: Callable | None = None, online: bool = False, partial: bool = False, flip: bool = True,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Optimise one batch of synthetic images.
 
@@ -138,10 +138,12 @@ def synthesize_item(
         current = online_reweighting(weights, iteration, cfg.iterations) if online else weights
 
         if use_crop:
-            augmented = random_resized_crop(x, scale=cfg.crop_scale, flip=True, generator=generator)
-        else:
+            augmented = random_resized_crop(x, scale=cfg.crop_scale, flip=flip, generator=generator)
+        elif flip:
             flips = torch.rand(x.shape[0], generator=generator) < 0.5
             augmented = torch.where(flips.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+        else:
+            augmented = x
         augmented = random_roll(augmented, roll, generator=generator)
 
         total = torch.zeros((), device=device)
@@ -193,17 +195,19 @@ def synthesize_item(
 
 
 def synthesis_fingerprint(method: str, cfg: SynthesisConfig, dataset: ImageDataset, members: list[str],
-                          priors: dict[str, float], seed: int, member_ids: dict[str, str]) -> str:
+                          priors: dict[str, float], seed: int, member_ids: dict[str, str], flip: bool = True) -> str:
     relevant_priors = {m: priors.get(m) for m in members} if method == "cvdd" else {}
+    # Only the flip-free case adds a part, so sets made with flips keep their keys.
+    no_flip = [] if flip else ["no flip"]
     return fingerprint(method, cfg, dataset.identity, members, relevant_priors, seed, member_ids,
-                       "init: random subset draw")
+                       "init: random subset draw", *no_flip)
 
 
 def distill(
     method: str, committee: dict[str, nn.Module], priors: dict[str, float], dataset: ImageDataset,
     cfg: SynthesisConfig, out_dir: str | Path, device, seed: int = 0, single_member: str | None = None,
     callback: Callable | None = None, member_ids: dict[str, str] | None = None,
-    train_indices: torch.Tensor | None = None,
+    train_indices: torch.Tensor | None = None, flip: bool = True,
 ) -> dict:
     """Distil `dataset` into `cfg.ipc` images per class and write them to `out_dir`.
 
@@ -216,6 +220,8 @@ def distill(
             weights and the current images, for live plots.
         member_ids: member name -> checkpoint fingerprint, so a retrained member invalidates items.
         train_indices: restrict real-image initialisation to these train indices.
+        flip: flip images at random in the per-step augmentation; follow the members'
+            training (train.flip), since flipped inputs are foreign to members trained without.
 
     Returns:
         {"images": float (N, C, H, W) in [0, 1], "labels": (N,), "class_names": [...], ...}
@@ -249,7 +255,7 @@ def distill(
             require_batchnorm(committee[name], name)
     init = resolve_init(method, cfg)
     use_crop = not (method == "sre2l" and dataset.image_size <= 64)
-    key = synthesis_fingerprint(method, cfg, dataset, draws_from, priors, seed, member_ids or {})
+    key = synthesis_fingerprint(method, cfg, dataset, draws_from, priors, seed, member_ids or {}, flip)
     items = work_items(cfg, dataset.num_classes)
 
     real_indices = None
@@ -304,7 +310,7 @@ def distill(
             images, rows = synthesize_item(
                 item, experts, weights.to(device), dataset, cfg, init_images, device, item_seed, use_crop,
                 callback=callback, online=cfg.online_reweighting and method == "cvdd",
-                partial=cfg.partial_aggregation and method == "cvdd",
+                partial=cfg.partial_aggregation and method == "cvdd", flip=flip,
             )
             atomic_torch_save({"fingerprint": key, "images": images, "labels": torch.tensor(item.classes),
                                "experts": chosen_names, "weights": weights.cpu(), "rows": rows}, path)

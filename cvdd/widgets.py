@@ -190,7 +190,8 @@ class SynthesisPanel:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="cvdd-panel-") as out_dir:
             self.result = distill(self.method, committee, priors, session.dataset, scfg, out_dir, session.device,
-                                  seed=session.cfg.seed, single_member=members[0], callback=self.monitor)
+                                  seed=session.cfg.seed, single_member=members[0], callback=self.monitor,
+                                  flip=session.cfg.train.flip)
         self._redraw(self.monitor)
         self.status.value = (f"done: {len(self.result['images'])} images, {self.monitor.updates} plot updates, "
                              f"{time.perf_counter() - start:.1f} s")

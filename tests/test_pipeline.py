@@ -236,6 +236,8 @@ def test_eval_files(first_run, method):
             assert saved["best_top1"] >= saved["top1"], name
             assert isinstance(saved["protocol"], dict), name
             assert saved["protocol"]["label_mode"] == mode, name
+            # digits.yaml trains the committee without flips, so students are not flipped either.
+            assert saved["protocol"]["augmentation"]["flip"] is False, name
 
 
 # --- the same command again -------------------------------------------------------------------------

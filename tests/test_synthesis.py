@@ -386,3 +386,24 @@ def test_real_initialisation_starts_from_the_random_subset(digits, committee, tm
     subset = random_subset(digits, ipc=2, seed=3)
     assert torch.equal(distilled["labels"], subset["labels"])
     assert torch.allclose(distilled["images"], subset["images"], atol=1e-6)
+
+
+def test_flip_follows_the_argument(digits, committee, monkeypatch):
+    calls = []
+    original = cvdd.synthesis.random_resized_crop
+
+    def recording(images, **kwargs):
+        calls.append(kwargs["flip"])
+        return original(images, **kwargs)
+
+    monkeypatch.setattr(cvdd.synthesis, "random_resized_crop", recording)
+    item = WorkItem(0, 0, list(range(digits.num_classes)))
+    cfg = SynthesisConfig(ipc=1, iterations=2)
+    experts = [Expert("convnet", committee["convnet"], 70.0, True)]
+    try:
+        for flip in (True, False):
+            synthesize_item(item, experts, torch.ones(1), digits, cfg, first_image_of_each_class(digits), "cpu", 0,
+                            use_crop=True, flip=flip)
+    finally:
+        remove_hooks(experts)
+    assert calls == [True, True, False, False]
