@@ -181,6 +181,11 @@ def cmd_report(args) -> int:
     from .runs import setup_logging
 
     setup_logging()
+    if args.tables_only:
+        from .report import rewrite_results
+
+        print(f"rewrote {rewrite_results(args.experiment, reports_dir=args.reports_dir)}")
+        return 0
     start = time.perf_counter()
     out = run_report(args.experiment, reports_dir=args.reports_dir)
     print(f"report written to {out} in {time.perf_counter() - start:.0f} s (results in {out / 'results.md'})")
@@ -219,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "with its parameters, into REPORTS_DIR/EXPERIMENT/")
     report.add_argument("experiment", help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
     report.add_argument("--reports-dir", default="reports", help="parent folder of the report (default: reports)")
+    report.add_argument("--tables-only", action="store_true",
+                        help="rebuild results.md from the report's metrics.json and discussion.md, executing nothing")
     report.set_defaults(func=cmd_report)
     return parser
 

@@ -162,6 +162,23 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
     return out
 
 
+def rewrite_results(name: str | Path, reports_dir: str | Path = "reports") -> Path:
+    """Rebuild results.md of an existing report from its metrics.json, figures and discussion.md.
+
+    Executes no notebook: use it after editing discussion.md or the experiment's paper numbers.
+    """
+    spec = load_experiment(name)
+    out = project_path(reports_dir) / spec.name
+    if not (out / "metrics.json").is_file():
+        raise CvddError(f"no metrics.json in {str(out)!r}; run `cvdd report {spec.name}` first")
+    metrics = read_json(out / "metrics.json")
+    notes = out / "discussion.md"
+    text = results_markdown(spec, metrics, sorted((out / "figures").glob("*.png")),
+                            metrics.get("notebook_seconds", {}), notes.read_text() if notes.is_file() else "")
+    atomic_write_text(out / "results.md", text)
+    return out / "results.md"
+
+
 def _run_metrics(spec: Experiment) -> dict | None:
     """Read the run folder's metrics.json, if the experiment's notebooks produced one."""
     from .config import load_config

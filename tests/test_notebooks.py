@@ -259,6 +259,16 @@ def test_report_tables_match_metrics(tiny_run, tmp_path):
     assert "![weights_vs_temperature](figures/weights_vs_temperature.png)" in results
     assert not list(report.parent.glob("*.tmp-*"))
 
+    # A hand-written reading is placed into results.md without executing the notebooks again.
+    (report / "discussion.md").write_text("## Reading\n\nThe tiny run shows the pipeline only.\n")
+    notebook_bytes = (report / "01_committee.ipynb").read_bytes()
+    result = _cvdd("report", str(experiment), "--reports-dir", str(tmp_path / "reports"), "--tables-only", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rewritten = (report / "results.md").read_text()
+    assert "The tiny run shows the pipeline only." in rewritten
+    assert rewritten.replace("## Reading\n\nThe tiny run shows the pipeline only.\n\n", "") == results
+    assert (report / "01_committee.ipynb").read_bytes() == notebook_bytes
+
 
 def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
     reports = tmp_path / "reports"
