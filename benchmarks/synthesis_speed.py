@@ -40,7 +40,7 @@ class _NoSplit(Split):
 
 
 def _dataset(classes: int, size: int) -> ImageDataset:
-    """A 100-class, 3-channel, 32 px dataset description with no images (only shapes are used)."""
+    """Describe a dataset of `classes` classes, 3 channels and `size` px with no images (only shapes are used)."""
     return ImageDataset(name="benchmark", class_names=[str(c) for c in range(classes)], channels=3, image_size=size,
                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train=_NoSplit(), test=_NoSplit(),
                         identity="benchmark")

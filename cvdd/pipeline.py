@@ -66,11 +66,14 @@ def run_synthesis(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device,
     for method in methods:
         out_dir = run.distilled_dir(method)
         if method == "random":
-            # One rank writes the subset; the others read the same deterministic draw.
+            # Rank 0 draws and writes the subset; the other ranks wait, then read that file back.
             if distributed.is_main():
-                random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir, train_indices=train_indices)
+                outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir,
+                                                train_indices=train_indices)
             distributed.barrier()
-            outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir, train_indices=train_indices)
+            if not distributed.is_main():
+                outputs[method] = random_subset(dataset, cfg.synthesis.ipc, cfg.seed, out_dir,
+                                                train_indices=train_indices)
             continue
         if committee is None:
             committee = load_committee(cfg, dataset, run, device)
@@ -306,7 +309,7 @@ def real_hard_reference(cfg: RunConfig, run: RunFolder) -> dict:
     """Test top-1 of each student architecture trained on all real training images, where known.
 
     A committee member of the student's architecture and width was trained with hard labels
-    on the whole training split, so its accuracy stands in for acc(real, hard) in HLR.
+    on the whole training split, so its accuracy replaces acc(real, hard) in HLR.
     NOTE: it follows the committee's training recipe, not the student's post-evaluation protocol.
     """
     width = cfg.evaluate.student_width or cfg.committee.width

@@ -35,7 +35,7 @@ from .progress import tqdm
 
 from .errors import ConfigError, CvddError
 from .runs import atomic_write_json, atomic_write_text, read_json
-from .session import project_path, project_root
+from .session import override_list, project_path, project_root
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +183,10 @@ def _run_metrics(spec: Experiment) -> dict | None:
     """Read the run folder's metrics.json, if the experiment's notebooks produced one."""
     from .config import load_config
 
-    cfg = load_config(project_path(spec.config), [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()])
+    cfg = load_config(project_path(spec.config), override_list(spec.overrides))
     run_dir = project_path(spec.run_dir) if spec.run_dir else project_path(cfg.resolved_run_dir())
     path = Path(run_dir) / spec.metrics_file
     return read_json(path) if path.is_file() else None
-
-
-def _yaml_value(value) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def _move_into(staging: Path, out: Path) -> None:

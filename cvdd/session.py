@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def project_root(start: str | Path | None = None) -> Path | None:
-    """The nearest folder at or above `start` (default: the working folder) that contains configs/ and cvdd/.
+    """Return the nearest folder at or above `start` (default: the working folder) that contains configs/ and cvdd/.
 
     Without `start`, a working folder outside the project falls back to the project this
     package was installed from in editable mode, if any.
@@ -231,10 +231,10 @@ def open_run(config: str | Path = "configs/digits.yaml",
 
 
 def _show_one_line(shell, etype, value, tb, tb_offset=None):
-    """IPython handler: a CvddError prints as `cvdd: error: ...`, not as a traceback.
+    """Show a CvddError in IPython as `cvdd: error: ...`, not as a traceback.
 
-    IPython only collects the lines a handler returns, so the handler shows them itself;
-    the cell still counts as failed, which stops papermill and nbval there.
+    IPython only collects the lines a handler returns, so the handler shows them itself.
+    The cell still counts as failed, so papermill and nbval stop there.
     """
     lines = [f"cvdd: error: {value}"]
     shell._showtraceback(etype, value, lines)

@@ -4,14 +4,13 @@ Each variant is a set of config overrides, for example {"synthesis.temperature":
 ablation named A runs each variant V in its own run folder, <run>/ablations/A/V/, which
 starts from the base run's committee checkpoints and priors.json. The stages reuse them when
 the variant did not change what they were made with, and recompute them otherwise. The
-combined rows go to <run>/ablations/A/metrics.json, so the base run's own results stay. The rows of every variant carry the
-varied settings as keys ("temperature": 1, "voter": "equal", "committee": [...]), as
-metrics.json's ablation rows do.
+combined rows go to <run>/ablations/A/metrics.json, so the base run's own results stay.
+The rows of every variant carry the varied settings as keys ("temperature": 1,
+"voter": "equal", "committee": [...]), as metrics.json's ablation rows do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from .config import apply_override, config_from_dict, config_to_dict, config_to_
 from .errors import ConfigError
 from .progress import tqdm
 from .runs import RunFolder, atomic_write_json, peak_rss_bytes
-from .session import Session
+from .session import Session, override_list
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +80,8 @@ def variant_session(base: Session, ablation: str, name: str, overrides: Mapping[
 
     _check_folder_name("variant", name)
     data = config_to_dict(base.cfg)
-    for path, value in {**(shared or {}), **overrides}.items():
-        apply_override(data, f"{path}={json.dumps(value)}")
+    for assignment in override_list({**(shared or {}), **overrides}):
+        apply_override(data, assignment)
     run = RunFolder(ablation_folder(base, ablation) / name)
     data["run_dir"] = str(run.root)
     cfg = config_from_dict(data)

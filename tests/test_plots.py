@@ -27,7 +27,8 @@ def test_bn_gap_and_embedding_figures():
     other = {"layers": ["a", "b", "c"], "mean_gap": torch.rand(2, 3), "var_gap": torch.rand(2, 3)}
     figure = plots.plot_bn_gap(gaps, other)
     colours = [line.get_color() for line in figure.axes[0].get_lines()]
-    assert colours.count("tab:blue") == 4 and colours.count("tab:orange") == 2
+    assert colours.count("tab:blue") == 4
+    assert colours.count("tab:orange") == 2
     stats = {"layers": ["a", "b"], "mean": torch.zeros(2), "std": torch.ones(2)}
     figure = plots.plot_embedding_statistics(stats, stats)
     assert len(figure.axes[1].get_lines()) == 2
