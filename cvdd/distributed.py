@@ -86,6 +86,9 @@ def map_sharded(func: Callable, jobs: Sequence) -> list:
     jobs = list(jobs)
     if not active():
         return [func(job) for job in jobs]
+    # Callers list pending jobs by looking for finished files; no rank may write one before
+    # every rank has made its list, or the ranks would index different lists.
+    dist.barrier()
     mine = [(index, func(job)) for index, job in enumerate(jobs) if index % world_size() == rank()]
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, mine)
