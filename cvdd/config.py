@@ -32,6 +32,18 @@ def _num(default, minimum=None, maximum=None, *, exclusive_min=False):
     return field(default=default, metadata=_range(minimum, maximum, exclusive_min=exclusive_min))
 
 
+# Fields added after runs were made carry this flag: at their default they are left out of
+# fingerprints, so the work a run finished before the field existed is still recognised.
+ADDED_LATER = "added_later"
+
+
+def _later(default=None, minimum=None, maximum=None, *, factory=None, exclusive_min=False):
+    metadata = {**_range(minimum, maximum, exclusive_min=exclusive_min), ADDED_LATER: True}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
     """Dataset kind, location and decoding options."""
@@ -66,6 +78,9 @@ class CommitteeConfig:
     widths: dict[str, float] = field(default_factory=dict)
     # Per-member epoch overrides of train.epochs, for example {resnet50: 5}.
     epochs: dict[str, int] = field(default_factory=dict)
+    # Per-member overrides of any train key, for example {resnet18: {augment: false, epochs: 40}}
+    # for the overfitted-member check; applied after committee.epochs.
+    train: dict[str, dict[str, Any]] = _later(factory=dict)
 
     def validate(self):
         from .models import check_arch
@@ -84,6 +99,12 @@ class CommitteeConfig:
             check_arch(arch)
             if value < 1:
                 raise ConfigError(f"config key 'committee.epochs.{arch}' has value {value}; it must be at least 1")
+        for arch, value in self.train.items():
+            check_arch(arch)
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key 'committee.train.{arch}' has value {value!r}; expected a mapping of "
+                                  "train keys, such as {augment: false}")
+            _build(TrainConfig, value, f"committee.train.{arch}")
 
 
 @dataclass
@@ -261,10 +282,15 @@ class RunConfig:
         return self.committee.widths.get(arch, self.committee.width)
 
     def member_train(self, arch: str) -> TrainConfig:
-        """Return the training settings of one member, with its epoch override applied."""
+        """Return the training settings of one member, with its epoch and train overrides applied."""
+        train = self.train
         if arch in self.committee.epochs:
-            return dataclasses.replace(self.train, epochs=self.committee.epochs[arch])
-        return self.train
+            train = dataclasses.replace(train, epochs=self.committee.epochs[arch])
+        if arch in self.committee.train:
+            data = config_to_dict(train)
+            data.update(self.committee.train[arch])
+            train = _build(TrainConfig, data, f"committee.train.{arch}")
+        return train
 
 
 # --- conversion from plain YAML data to dataclasses, with validation ------------------
@@ -403,18 +429,17 @@ def config_from_dict(data: dict, cls=RunConfig):
 
 
 def config_to_dict(cfg) -> dict:
-    """Return the config as plain data (lists instead of tuples), for YAML and hashing."""
+    """Return the config as plain data (lists instead of tuples), for YAML and worker processes."""
+    return _plain(dataclasses.asdict(cfg))
 
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
 
-    return plain(dataclasses.asdict(cfg))
+def _plain(data):
+    """Turn tuples into lists, recursively, in plain data."""
+    if isinstance(data, (tuple, list)):
+        return [_plain(v) for v in data]
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    return data
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -461,11 +486,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data, cls)
 
 
+def hash_view(cfg) -> dict:
+    """Return the config as plain data for hashing: fields added later are dropped at their default."""
+
+    def view(obj):
+        if not dataclasses.is_dataclass(obj):
+            return obj
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get(ADDED_LATER):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if value == default:
+                    continue
+            out[f.name] = view(value)
+        return out
+
+    return _plain(view(cfg))
+
+
 def config_to_yaml(cfg) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def fingerprint(*parts) -> str:
     """Return a short stable hash of JSON-serialisable parts (configs, names, numbers)."""
-    text = json.dumps([config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    text = json.dumps([hash_view(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .config import RunConfig, config_to_dict, fingerprint
+from .config import RunConfig, SynthesisConfig, config_to_dict, fingerprint, hash_view
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, train_student
 from .models import checkpoint_payload, create_model, load_checkpoint
@@ -24,12 +24,16 @@ from .train import seed_for, train_model
 
 log = logging.getLogger(__name__)
 
+# Synthesis keys that only CV-DD reads.
+CVDD_ONLY_KEYS = ("member", "experts", "temperature", "voter", "online_reweighting", "partial_aggregation", "draw",
+                  "callback_every")
+
 
 def prior_fingerprint(cfg: RunConfig, dataset: ImageDataset) -> str:
     """Identify the settings that priors.json depends on (not the main run's seeds or students)."""
     _, _, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
-    eval_part = {k: v for k, v in config_to_dict(eval_cfg).items() if k not in ("seeds", "students", "label_modes")}
-    members = {m: (cfg.member_width(m), config_to_dict(cfg.member_train(m))) for m in cfg.committee.members}
+    eval_part = {k: v for k, v in hash_view(eval_cfg).items() if k not in ("seeds", "students", "label_modes")}
+    members = {m: (cfg.member_width(m), hash_view(cfg.member_train(m))) for m in cfg.committee.members}
     # Only the flip-free case adds a part, so priors computed with flips keep their keys.
     no_flip = [] if cfg.train.flip else ["no flip"]
     return fingerprint("prior", cfg.prior, members, synthesis_cfg, eval_part, dataset.identity, cfg.seed, *no_flip)
@@ -64,6 +68,8 @@ def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder
     saved = read_saved_priors(cfg, dataset, run)
     if saved is not None:
         log.info("reusing priors from %s: %s", run.priors_path, saved)
+        for arch in members:
+            _save_member_alpha(cfg, dataset, run, arch, saved[arch], None)
         return saved
     if not compute and run.priors_path.is_file():
         log.warning("priors.json in %s was made with other settings", run.root)
@@ -80,25 +86,67 @@ def load_or_compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder
 def _prior_settings(cfg: RunConfig, dataset: ImageDataset):
     pcfg = cfg.prior
     train_idx, eval_idx = stratified_split(dataset.train.labels, pcfg.train_fraction, pcfg.split_seed)
+    # Algorithm 1 distils with one member (sre2l++), so CV-DD's own keys are reset to their defaults
+    # and a variant that changes only them (T, N, the voter) reuses the priors.
+    cvdd_only = {f.name: f.default for f in dataclasses.fields(SynthesisConfig) if f.name in CVDD_ONLY_KEYS}
     synthesis_cfg = dataclasses.replace(cfg.synthesis, ipc=pcfg.ipc,
-                                        iterations=pcfg.iterations or cfg.synthesis.iterations)
+                                        iterations=pcfg.iterations or cfg.synthesis.iterations, **cvdd_only)
     eval_cfg = dataclasses.replace(cfg.evaluate, epochs=pcfg.student_epochs or cfg.evaluate.epochs,
                                    eval_every=pcfg.student_epochs or cfg.evaluate.epochs)
     return train_idx, eval_idx, synthesis_cfg, eval_cfg
 
 
+def _prior_member_train(cfg: RunConfig, dataset: ImageDataset, arch: str):
+    """Return the training settings and the fingerprint of the member Algorithm 1 trains on its split."""
+    member_cfg = cfg.member_train(arch)
+    if cfg.prior.member_epochs is not None:
+        member_cfg = dataclasses.replace(member_cfg, epochs=cfg.prior.member_epochs)
+    member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
+                             cfg.prior.train_fraction, cfg.prior.split_seed, cfg.seed)
+    return member_cfg, member_key
+
+
+def _member_alpha_key(cfg: RunConfig, dataset: ImageDataset, arch: str) -> str:
+    """Identify one member's prior alone, so that another committee holding the member reuses it."""
+    _, _, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
+    eval_part = {k: v for k, v in hash_view(eval_cfg).items() if k not in ("seeds", "students", "label_modes")}
+    _, member_key = _prior_member_train(cfg, dataset, arch)
+    return fingerprint("prior-alpha", member_key, cfg.prior, synthesis_cfg, eval_part,
+                       cfg.evaluate.student_width or cfg.committee.width, cfg.train.flip)
+
+
+def _member_alpha_path(run: RunFolder, arch: str):
+    return run.root / "prior" / "alpha" / f"{arch}.json"
+
+
+def _saved_member_alpha(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, arch: str) -> dict | None:
+    path = _member_alpha_path(run, arch)
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    return saved if saved.get("fingerprint") == _member_alpha_key(cfg, dataset, arch) else None
+
+
+def _save_member_alpha(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, arch: str, alpha: float,
+                       seconds: float | None) -> None:
+    if _saved_member_alpha(cfg, dataset, run, arch) is None:
+        atomic_write_json(_member_alpha_path(run, arch), {
+            "member": arch, "alpha": alpha, "seconds": seconds,
+            "fingerprint": _member_alpha_key(cfg, dataset, arch)})
+
+
 def _prior_member(context: dict, arch: str) -> dict:
     """Algorithm 1 for one member: train on the 80%, distil alone, train a student, test on the 20%."""
     cfg, dataset, run, device = context["cfg"], context["dataset"], context["run"], context["device"]
+    saved = _saved_member_alpha(cfg, dataset, run, arch)
+    if saved is not None:
+        log.info("prior of %s: alpha = %.2f%% reused from %s", arch, saved["alpha"], _member_alpha_path(run, arch))
+        return {"alpha": saved["alpha"], "seconds": saved["seconds"] or 0.0, "reused": True}
     pcfg = cfg.prior
     train_idx, eval_idx, synthesis_cfg, eval_cfg = _prior_settings(cfg, dataset)
     student_width = cfg.evaluate.student_width or cfg.committee.width
     start = time.perf_counter()
-    member_cfg = cfg.member_train(arch)
-    if pcfg.member_epochs is not None:
-        member_cfg = dataclasses.replace(member_cfg, epochs=pcfg.member_epochs)
-    member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
-                             pcfg.train_fraction, pcfg.split_seed, cfg.seed)
+    member_cfg, member_key = _prior_member_train(cfg, dataset, arch)
     path = run.root / "prior" / "committee" / f"{arch}.pt"
     model = None
     if path.is_file():
@@ -130,7 +178,9 @@ def _prior_member(context: dict, arch: str) -> dict:
     alpha = 100.0 * result["top1"]
     log.info("prior of %s: alpha = %.2f%% (student %s on the held-out %d images)", arch, alpha,
              pcfg.student, len(eval_idx))
-    return {"alpha": alpha, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    _save_member_alpha(cfg, dataset, run, arch, alpha, seconds)
+    return {"alpha": alpha, "seconds": seconds}
 
 
 def compute_priors(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device) -> dict:

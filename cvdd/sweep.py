@@ -26,7 +26,7 @@ from .session import Session, override_list
 log = logging.getLogger(__name__)
 
 # Setting keys of metrics.json rows for override paths whose last part reads badly alone.
-SETTING_NAMES = {"committee.members": "committee", "evaluate.bssl": "bssl", "synthesis.experts": "experts",
+SETTING_NAMES = {"committee.members": "committee", "committee.train": "member_train", "evaluate.bssl": "bssl", "synthesis.experts": "experts",
                  "synthesis.temperature": "temperature", "synthesis.voter": "voter"}
 
 
