@@ -7,14 +7,16 @@ same epochs, alternated in rounds:
 
 - soft: the student learns from the committee's BSSL soft labels, computed for every batch;
 - hard: the same student with hard labels, which is the student's own training step;
-- teachers: the committee's soft labels for the same number of batches, alone.
+- teachers: the committee's soft labels for the same number of batches, alone;
+- stored: the student replaying a label store (cvdd.labels) built once before the rounds.
 
 The ratio soft / (hard + teachers) shows what the on-the-fly labelling costs beyond its
-parts. Images and models are random (untrained): speed does not depend on the weights.
+parts, and stored / hard what replaying stored labels costs beyond hard-label training.
+Images and models are random (untrained): speed does not depend on the weights.
 
     python benchmarks/posteval_speed.py --epochs 10 --rounds 3
 
-Writes posteval_onthefly_over_parts into benchmarks/results.json.
+Writes posteval_onthefly_over_parts and posteval_stored_over_hard into benchmarks/results.json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from cvdd.config import EvalConfig
 from cvdd.data import ImageDataset, TensorSplit
 from cvdd.evaluate import Committee, eval_batch_size, train_student
+from cvdd.labels import build_label_store
 from cvdd.models import create_model
 from cvdd.voting import prior_weights
 
@@ -71,29 +74,41 @@ def main() -> None:
     def hard():
         train_student(images, labels, dataset, cfg, "resnet18", 0.25, torch.device("cpu"), 0, label_mode="hard")
 
+    start = time.perf_counter()
+    store = build_label_store(images, dataset, cfg, committee, True, 0, 10, torch.device("cpu"), "benchmark")
+    store_seconds = time.perf_counter() - start
+
+    def stored():
+        train_student(images, labels, dataset, cfg, "resnet18", 0.25, torch.device("cpu"), 0, stored=store)
+
     def teachers_alone():
         x = dataset.normalize(images[:batch])
         for _ in range(batches):
             committee.soft_labels(x, cfg.tau, cfg.bssl, cfg.soft_label_space)
 
-    timings = {"soft": [], "hard": [], "teachers": []}
+    timings = {"soft": [], "hard": [], "teachers": [], "stored": []}
     for _ in range(args.rounds):
-        for name, func in (("soft", soft), ("hard", hard), ("teachers", teachers_alone)):
+        for name, func in (("soft", soft), ("hard", hard), ("teachers", teachers_alone), ("stored", stored)):
             start = time.perf_counter()
             func()
             timings[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in timings.items()}
     ratio = median["soft"] / (median["hard"] + median["teachers"])
+    stored_ratio = median["stored"] / median["hard"]
     seen = args.epochs * args.images
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.epochs} epochs of "
           f"{args.images} images, batch {batch}, {args.rounds} rounds")
     print(f"student images per second: soft (on the fly) {seen / median['soft']:.1f}, hard {seen / median['hard']:.1f}; "
           f"teachers alone {median['teachers']:.2f} s for {batches} batches")
     print(f"on-the-fly / (student step + teachers) = {ratio:.3f}")
+    print(f"stored labels: {seen / median['stored']:.1f} images per second; stored / hard = {stored_ratio:.3f}; "
+          f"store built once in {store_seconds:.2f} s, {store.bytes_per_image_epoch():.1f} bytes per image per epoch")
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     saved["posteval_onthefly_over_parts"] = round(ratio, 4)
+    saved["posteval_stored_over_hard"] = round(stored_ratio, 4)
     saved["posteval"] = {"seconds": median, "epochs": args.epochs, "images": args.images, "batch": batch,
-                         "rounds": args.rounds}
+                         "rounds": args.rounds, "store_build_seconds": store_seconds,
+                         "store_bytes_per_image_epoch": store.bytes_per_image_epoch()}
     RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

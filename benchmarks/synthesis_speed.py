@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -54,37 +55,51 @@ def _members(width: float, classes: int, size: int) -> dict:
     return models
 
 
-def _time(step, iterations: int) -> float:
-    step()  # warm-up
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _time(step, device: str = "cpu") -> float:
+    _sync(device)
     start = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    return (time.perf_counter() - start) / iterations
+    step()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def measure(width: float, batch: int, size: int, iterations: int, rounds: int) -> dict:
+OPTIONS = {"default": {}, "channels_last": {"channels_last": True}, "bf16": {"precision": "bf16"},
+           "compile": {"compile": True}}
+
+
+def measure(width: float, batch: int, size: int, iterations: int, rounds: int, options: list[str],
+            device: str = "cpu") -> dict:
     dataset = _dataset(batch, size)
-    models = _members(width, batch, size)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.arange(batch)
+    models = {name: model.to(device) for name, model in _members(width, batch, size).items()}
+    images = torch.randn(batch, 3, size, size).to(device)
+    labels = torch.arange(batch).to(device)
     item = WorkItem(0, 0, list(range(batch)))
-    cfg = SynthesisConfig(ipc=1, iterations=iterations)
-    weights = torch.tensor([0.6, 0.4])
+    weights = torch.tensor([0.6, 0.4]).to(device)
 
-    def cvdd_step():
-        experts = [Expert(name, model, 50.0, True) for name, model in models.items()]
-        try:
-            synthesize_item(item, experts, weights, dataset, cfg, images, "cpu", 0, use_crop=True)
-        finally:
-            for expert in experts:
-                expert.hook.remove()
+    def cvdd_step(option: str):
+        cfg = SynthesisConfig(ipc=1, iterations=iterations, **OPTIONS[option])
+        # Experts persist across calls, as they do across the items of `cvdd distill`, so a
+        # compiled expert is compiled once, in the warm-up call.
+        experts = [Expert(name, model, 50.0, True, channels_last=cfg.channels_last, compile=cfg.compile)
+                   for name, model in models.items()]
+        return lambda: synthesize_item(item, experts, weights, dataset, cfg, images, device, 0, use_crop=True)
 
     def sre2l_step():
+        cfg = SynthesisConfig(ipc=1, iterations=iterations)
         expert = Expert(MEMBERS[0], models[MEMBERS[0]], 50.0, True)
-        try:
-            synthesize_item(item, [expert], torch.ones(1), dataset, cfg, images, "cpu", 0, use_crop=True)
-        finally:
-            expert.hook.remove()
+        return lambda: synthesize_item(item, [expert], torch.ones(1, device=device), dataset, cfg, images, device, 0,
+                                       use_crop=True)
 
     def floor_step():
         for _ in range(iterations):
@@ -92,18 +107,25 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int) -
             loss = sum(w * F.cross_entropy(m(x), labels) for w, m in zip(weights, models.values()))
             loss.backward()
 
-    timings = {"cvdd": [], "sre2l++": [], "floor": []}
+    steps = {f"cvdd {option}": cvdd_step(option) for option in options}
+    steps["sre2l++"] = sre2l_step()
+    steps["floor"] = floor_step
+    compile_seconds = {}
+    for name, step in steps.items():
+        compile_seconds[name] = _time(step, device)  # warm-up; for compile, this call compiles
+    timings = {name: [] for name in steps}
     for _ in range(rounds):
-        # synthesize_item runs `iterations` steps per call, so each call time is divided by it.
-        timings["cvdd"].append(_time(cvdd_step, 1) / iterations)
-        timings["sre2l++"].append(_time(sre2l_step, 1) / iterations)
-        timings["floor"].append(_time(floor_step, 1) / iterations)
+        # Alternating in rounds spreads a changing load over all timings alike.
+        for name, step in steps.items():
+            timings[name].append(_time(step, device) / iterations)
     median = {k: statistics.median(v) for k, v in timings.items()}
     return {
         "width": width, "batch": batch, "image_size": size, "iterations": iterations, "rounds": rounds,
         "ms_per_image_iteration": {k: 1000 * v / batch for k, v in median.items()},
-        "synthesis_over_floor": median["cvdd"] / median["floor"],
-        "cvdd_over_sre2lpp": median["cvdd"] / median["sre2l++"],
+        "over_floor": {k: median[k] / median["floor"] for k in median if k.startswith("cvdd")},
+        "synthesis_over_floor": median["cvdd default"] / median["floor"],
+        "cvdd_over_sre2lpp": median["cvdd default"] / median["sre2l++"],
+        "first_call_seconds": compile_seconds,
     }
 
 
@@ -114,19 +136,26 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=10, help="synthesis steps per timed call")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS),
+                        help="speed options to time; compile spends a minute or more compiling first")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    results = [measure(w, args.batch, args.size, args.iterations, args.rounds) for w in args.widths]
-    for r in results:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_device(args.device)}")
+    results = []
+    for width in args.widths:
+        r = measure(width, args.batch, args.size, args.iterations, args.rounds, args.options, args.device)
+        results.append(r)
         ms = r["ms_per_image_iteration"]
-        print(f"width {r['width']}: ms per image per iteration: cvdd {ms['cvdd']:.3f}, floor {ms['floor']:.3f}, "
-              f"sre2l++ {ms['sre2l++']:.3f}; cvdd / floor {r['synthesis_over_floor']:.3f}, "
-              f"cvdd / sre2l++ {r['cvdd_over_sre2lpp']:.3f}")
-    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    saved["synthesis_over_floor"] = round(results[0]["synthesis_over_floor"], 4)
-    saved["synthesis"] = results
-    RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+        print(f"width {width}, batch {args.batch}, {args.size} px: ms per image per iteration: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        print(f"  cvdd / floor: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in r["over_floor"].items())
+              + f"; cvdd / sre2l++ {r['cvdd_over_sre2lpp']:.3f}")
+    if args.device == "cpu" and args.size == 32 and args.widths[0] == 0.25:
+        saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        saved["synthesis_over_floor"] = round(results[0]["synthesis_over_floor"], 4)
+        saved["synthesis"] = results
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+        print(f"wrote synthesis_over_floor {saved['synthesis_over_floor']} to {RESULTS}")
 
 
 if __name__ == "__main__":

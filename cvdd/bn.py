@@ -31,12 +31,45 @@ def input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x: (N, C) or (N, C, *spatial) tensor.
 
     Returns:
-        (mean, var), each shape (C,), reduced over every dimension except 1.
+        (mean, var), each shape (C,), reduced over every dimension except 1, in at least
+        float32, differentiable with respect to `x`.
     """
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dim=dims)
-    var = x.var(dim=dims, unbiased=False)
-    return mean, var
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return _ChannelStatistics.apply(x)
+
+
+class _ChannelStatistics(torch.autograd.Function):
+    """Mean and biased variance per channel, from the sums of x and x^2, with a one-pass backward.
+
+    Tensor.mean and Tensor.var and their autograd backward walk the whole input four to six
+    times; here the forward is two reductions and the backward one fused multiply-add,
+    dx = (g_mean - 2 mean g_var) / n + (2 g_var / n) x. BN inputs are of order one, so the
+    cancellation in E[x^2] - E[x]^2 stays near float32 rounding (about 1e-6).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // x.shape[1]
+        mean = x.sum(dim=dims) / count
+        var = ((x * x).sum(dim=dims) / count - mean * mean).clamp(min=0.0)
+        ctx.save_for_backward(x, mean)
+        ctx.count = count
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        count = ctx.count
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        offset = ((grad_mean - 2.0 * mean * grad_var) / count).view(shape)
+        slope = (2.0 * grad_var / count).view(shape)
+        return torch.addcmul(offset, slope, x)
 
 
 class BNStatisticsHook:

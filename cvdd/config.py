@@ -166,6 +166,12 @@ class SynthesisConfig:
     draw: Literal["per_batch", "per_ipc"] = "per_batch"
     # Call the live-plot callback every this many iterations.
     callback_every: int = _num(10, 1)
+    # Speed options, measured in BENCHMARKS.md: the experts' weights and inputs in channels-last
+    # memory format, their forward passes under bf16 autocast, and each expert run through
+    # torch.compile. All change the arithmetic slightly, so they are part of the fingerprint.
+    channels_last: bool = _later(False)
+    precision: Literal["fp32", "bf16"] = _later("fp32")
+    compile: bool = _later(False)
 
 
 @dataclass
@@ -193,6 +199,13 @@ class EvalConfig:
     soft_label_space: Literal["prob", "logit"] = "prob"
     # Test top-1 is measured every this many epochs and at the last epoch.
     eval_every: int = _num(50, 1)
+    # Soft labels: computed by the teachers for every batch ("onthefly"), or computed once per
+    # distilled set into a label store and replayed by every student and seed ("stored"). Stored
+    # labels draw the batch order and augmentation from augment_seed, shared by all seeds, and keep
+    # the top label_top_k classes per image as float16.
+    labels: Literal["onthefly", "stored"] = _later("onthefly")
+    label_top_k: int = _later(10, 1)
+    augment_seed: int = _later(0, 0)
 
 
 @dataclass
@@ -233,6 +246,9 @@ class RunConfig:
     methods: list[Literal["random", "sre2l", "sre2l++", "cvdd"]] = field(
         default_factory=lambda: ["random", "sre2l", "sre2l++", "cvdd"]
     )
+    # Under torchrun: train each committee member and each student with DistributedDataParallel
+    # across all ranks, instead of giving whole members and students to single ranks.
+    ddp: bool = _later(False)
     # Tune without the test split: distil with the members Algorithm 1 trains on its
     # prior.train_fraction split, and test students on the held-out rest, under <run>/validation/.
     validation: bool = False

@@ -65,6 +65,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_sum(value: float) -> float:
+    """Return the sum of `value` over all ranks (the value itself outside torchrun)."""
+    if not active():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def local_rows(batch: int) -> slice:
+    """This rank's rows of a global batch under DistributedDataParallel: rank, rank + K, ...
+
+    Every rank draws the same global batch and augmentation from the same generator, so
+    the ranks together train on exactly the batches of a single-process run.
+    """
+    if not active():
+        return slice(None)
+    return slice(rank(), batch, world_size())
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap `model` in DistributedDataParallel under torchrun; return it unchanged otherwise."""
+    if not active():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def device(name: str) -> torch.device:
     """Return the device of this rank: its own GPU under torchrun when `name` is a CUDA device."""
     resolved = torch.device(name)

@@ -52,15 +52,20 @@ class Committee:
         self.weights = weights
         self.class_names = class_names
 
-    @torch.no_grad()
     def soft_labels(self, images: torch.Tensor, tau: float, bssl: bool, space: str) -> torch.Tensor:
-        """Return (B, K) target probabilities for normalised images (B, C, H, W)."""
-        logits = []
-        for model in self.teachers.values():
-            context = batch_specific_bn(model) if bssl else contextlib.nullcontext()
-            with context:
-                logits.append(model(images))
-        return aggregate_soft_labels(logits, self.weights, tau=tau, space=space)
+        """Return (B, K) target probabilities for normalised images (B, C, H, W).
+
+        One forward pass per teacher under inference mode; the result is an ordinary tensor
+        that autograd may save (the KL loss keeps its target for the backward pass).
+        """
+        with torch.inference_mode():
+            logits = []
+            for model in self.teachers.values():
+                context = batch_specific_bn(model) if bssl else contextlib.nullcontext()
+                with context:
+                    logits.append(model(images))
+            targets = aggregate_soft_labels(logits, self.weights, tau=tau, space=space)
+        return targets.clone()
 
 
 def check_class_names(distilled: dict, dataset: ImageDataset, committee_names: list[str] | None = None) -> None:
@@ -77,29 +82,72 @@ def check_class_names(distilled: dict, dataset: ImageDataset, committee_names: l
         )
 
 
+def batch_starts(count: int, batch_size: int) -> list[int]:
+    """First positions of the batches of one epoch; a last batch of one image joins the previous one."""
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return starts
+
+
+def augmented_batches(normalized: torch.Tensor, cfg: EvalConfig, epochs: int, batch_size: int, flip: bool,
+                      generator: torch.Generator):
+    """Yield (epoch, batch rows, crop, CutMix draw or None, augmented batch) for every batch of every epoch.
+
+    The one source of post-evaluation batches: on-the-fly training and the label store draw
+    from `generator` in exactly this order, so a stored stream replays what a student saw.
+    """
+    count = len(normalized)
+    device = normalized.device
+    starts = batch_starts(count, batch_size)
+    for epoch in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for position, first in enumerate(starts):
+            last = starts[position + 1] if position + 1 < len(starts) else count
+            rows = order[first:last]
+            x = normalized[rows.to(device)]
+            crop = sample_crop_params(len(x), x.shape[-1], scale=cfg.crop_scale, flip=flip, generator=generator)
+            x = apply_crop(x, crop)
+            mix = None
+            if cfg.cutmix_alpha > 0:
+                mix = sample_cutmix(len(x), x.shape[-1], cfg.cutmix_alpha, generator=generator)
+                x = apply_cutmix(x, mix)
+            yield epoch, rows, crop, mix, x
+
+
 def train_student(
     images: torch.Tensor, labels: torch.Tensor, dataset: ImageDataset, cfg: EvalConfig, student: str,
     width: float, device: torch.device, seed: int, committee: Committee | None = None,
     label_mode: str = "soft", test_split=None, desc: str = "student", flip: bool = True,
+    stored=None, ddp: bool = False,
 ) -> dict:
     """Train a freshly initialised student on (images, labels) and measure test top-1.
 
     Args:
         images: distilled images, float (N, C, H, W) in [0, 1].
         labels: (N,) class indices (used by hard-label mode and for the class check).
-        committee: teachers and weights for soft labels; required when `label_mode` is soft.
+        committee: teachers and weights for soft labels; required when `label_mode` is soft
+            and no `stored` labels are given.
         test_split: the split to measure top-1 on (default: the dataset's test split).
         flip: flip training images at random (follow train.flip of the committee).
+        stored: a :class:`cvdd.labels.LabelStore` whose batches, augmentation and soft labels
+            are replayed instead of drawn and computed; `seed` then sets only the initial weights.
+        ddp: under torchrun, train one student with DistributedDataParallel: every rank draws
+            the same global batch and trains on its own rows of it (rank, rank + K, ...).
 
     Returns:
         a dict with the curve, `top1` (final epoch), `best_top1`, `best_epoch` and the protocol.
     """
-    if label_mode == "soft" and committee is None:
+    from . import distributed
+
+    if label_mode == "soft" and committee is None and stored is None:
         raise CvddError("soft-label evaluation needs teachers; train the committee or use label mode 'hard'")
     test_split = test_split if test_split is not None else dataset.test
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = create_model(student, dataset.num_classes, dataset.channels, dataset.image_size, width).to(device)
+    ddp = ddp and distributed.active()
+    trained = distributed.wrap_ddp(model, device) if ddp else model
     optimizer = torch.optim.AdamW(param_groups_no_decay(model, cfg.weight_decay), lr=cfg.lr)
     batch_size = eval_batch_size(cfg, len(images))
     normalized = dataset.normalize(images.to(device))
@@ -109,53 +157,55 @@ def train_student(
         # A last batch of one image cannot give BatchNorm batch statistics at 1x1 feature
         # maps; fold it into the previous batch instead.
         log.info("batch size %d leaves one image in the last batch; it joins the previous batch", batch_size)
+    if stored is not None:
+        stored.check(count, batch_size, cfg.epochs)
+        batches = stored.batches(normalized, device)
+    else:
+        batches = augmented_batches(normalized, cfg, cfg.epochs, batch_size, flip, generator)
 
     curve = []
     start = time.perf_counter()
+    steps = len(batch_starts(count, batch_size))
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False)
     for epoch in bar:
         factor = smoothed_lr_factor(epoch, cfg.epochs, cfg.eta)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         model.train()
-        order = torch.randperm(count, generator=generator)
-        starts = list(range(0, count, batch_size))
-        if len(starts) > 1 and count - starts[-1] == 1:
-            starts.pop()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        for position, first in enumerate(starts):
-            last = starts[position + 1] if position + 1 < len(starts) else count
-            batch_index = order[first:last].to(device)
-            x = normalized[batch_index]
-            y = labels[batch_index]
-            crop = sample_crop_params(len(x), x.shape[-1], scale=cfg.crop_scale, flip=flip, generator=generator)
-            x = apply_crop(x, crop)
-            lam, partner = 1.0, None
-            if cfg.cutmix_alpha > 0:
-                mix = sample_cutmix(len(x), x.shape[-1], cfg.cutmix_alpha, generator=generator)
-                x = apply_cutmix(x, mix)
-                lam, partner = mix.lam, mix.permutation.to(device)
-
-            logits = model(x)
+        for _ in range(steps):
+            batch = next(batches)
+            _, rows, _, mix, x = batch[:5]
+            mine = distributed.local_rows(len(x)) if ddp else slice(None)
+            y = labels[rows.to(device)]
+            x_local = x[mine]
+            logits = trained(x_local)
             if label_mode == "soft":
-                # The teachers label exactly the batch the student trains on, mixed pixels included.
-                targets = committee.soft_labels(x, cfg.tau, cfg.bssl, cfg.soft_label_space)
+                if stored is not None:
+                    targets = batch[5][mine]
+                else:
+                    # The teachers label exactly the batch the student trains on, mixed pixels included.
+                    targets = committee.soft_labels(x_local, cfg.tau, cfg.bssl, cfg.soft_label_space)
                 # NOTE: no tau**2 factor. AdamW's step size is
                 # nearly independent of a constant loss scale, but SGD students would need it.
                 loss = F.kl_div(F.log_softmax(logits / cfg.tau, dim=1), targets, reduction="batchmean")
             else:
-                loss = lam * F.cross_entropy(logits, y)
-                if partner is not None and lam < 1.0:
-                    loss = loss + (1.0 - lam) * F.cross_entropy(logits, y[partner])
+                lam = mix.lam if mix is not None else 1.0
+                loss = lam * F.cross_entropy(logits, y[mine])
+                if mix is not None and lam < 1.0:
+                    loss = loss + (1.0 - lam) * F.cross_entropy(logits, y[mix.permutation.to(device)][mine])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(x)
-            correct += (logits.argmax(dim=1) == y).sum()
+            loss_sum += loss.detach() * len(x_local)
+            correct += (logits.argmax(dim=1) == y[mine]).sum()
 
         record = {"epoch": epoch + 1, "loss": float(loss_sum) / count, "train_top1": float(correct) / count,
                   "lr": cfg.lr * factor}
+        if ddp:
+            record["loss"] = distributed.all_sum(float(loss_sum)) / count
+            record["train_top1"] = distributed.all_sum(float(correct)) / count
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             record["test_top1"] = evaluate_top1(model, test_split, dataset, device)
             bar.set_postfix(top1=f"{record['test_top1']:.3f}")
@@ -169,6 +219,9 @@ def train_student(
         "curve": curve, "seconds": time.perf_counter() - start,
         "protocol": {
             "label_mode": label_mode, "loss": "kl" if label_mode == "soft" else "cross_entropy",
+            "labels": ("stored" if stored is not None else "on the fly") if label_mode == "soft" else None,
+            "label_store": stored.describe() if stored is not None and label_mode == "soft" else None,
+            "ddp_ranks": distributed.world_size() if ddp else 1,
             "tau": cfg.tau if label_mode == "soft" else None, "bssl": cfg.bssl if label_mode == "soft" else None,
             "soft_label_space": cfg.soft_label_space if label_mode == "soft" else None,
             "augmentation": {"random_resized_crop": list(cfg.crop_scale), "flip": flip,

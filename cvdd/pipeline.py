@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import RunConfig, fingerprint
+from .config import RunConfig, fingerprint, hash_view
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
 from .prior import load_or_compute_priors
@@ -117,9 +117,49 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
                     key = fingerprint(distilled["fingerprint"], method_eval_config(cfg, method), student, width, mode,
                                       seed, list(teachers.teachers), teachers.weights.tolist(),
                                       {m: ids[m] for m in teachers.teachers}, *([] if cfg.train.flip else ["no flip"]))
+                    stored = mode == "soft" and cfg.evaluate.labels == "stored"
+                    # Stored-label results get their own files, so both kinds of result can stand side by side.
+                    path = run.eval_path(method, student, "soft-stored" if stored else mode, seed)
                     jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
-                                 "path": str(run.eval_path(method, student, mode, seed))})
+                                 "path": str(path), "stored": stored})
     return jobs
+
+
+def label_store_path(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, method: str, priors: dict,
+                     committee: dict) -> Path:
+    """The label store of a method's distilled set under the current teachers and augmentation seed."""
+    ids = member_ids(cfg, dataset, run)
+    distilled = load_distilled(run, method)
+    teachers = teachers_for(method, cfg, committee, priors)
+    eval_part = {k: v for k, v in hash_view(method_eval_config(cfg, method)).items()
+                 if k not in ("seeds", "students", "label_modes", "eval_every", "labels")}
+    key = fingerprint("labels", distilled["fingerprint"], eval_part, list(teachers.teachers),
+                      teachers.weights.tolist(), {m: ids[m] for m in teachers.teachers}, cfg.train.flip,
+                      cfg.evaluate.augment_seed, cfg.evaluate.label_top_k)
+    return run.root / "labels" / method / f"{key}.pt"
+
+
+def ensure_label_stores(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, priors: dict,
+                        committee: dict, methods: list[str]) -> dict[str, Path]:
+    """Build the label store of every method that lacks one (rank 0 under torchrun); return their paths."""
+    from .evaluate import check_class_names
+    from .labels import build_label_store
+
+    paths = {}
+    for method in methods:
+        path = label_store_path(cfg, dataset, run, method, priors, committee)
+        paths[method] = path
+        if path.is_file() or not distributed.is_main():
+            continue
+        distilled = load_distilled(run, method)
+        check_class_names(distilled, dataset)
+        store = build_label_store(distilled["images"], dataset, method_eval_config(cfg, method),
+                                  teachers_for(method, cfg, committee, priors), cfg.train.flip,
+                                  cfg.evaluate.augment_seed, cfg.evaluate.label_top_k, device, path.stem,
+                                  desc=f"labels {method}")
+        store.save(path)
+    distributed.barrier()
+    return paths
 
 
 def method_eval_config(cfg: RunConfig, method: str):
@@ -138,16 +178,23 @@ def _run_job(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device, prio
     width = cfg.evaluate.student_width or cfg.committee.width
     # A validation run tests on the rows Algorithm 1 held out, never on the test split.
     test_split = SubsetSplit(dataset.train, split_indices(cfg, dataset)[1]) if isinstance(run, ValidationFolder) else None
+    stored = None
+    if job.get("stored"):
+        from .labels import LabelStore
+
+        stored = LabelStore.load(label_store_path(cfg, dataset, run, job["method"], priors, committee))
+    ddp = cfg.ddp and distributed.active()
     result = train_student(
         distilled["images"], distilled["labels"], dataset, method_eval_config(cfg, job["method"]), job["student"],
         width, device, seed_for(job["seed"], "student", job["method"], job["student"]), committee=teachers,
         label_mode=job["mode"], desc=f"{job['method']} {job['student']} {job['mode']} seed {job['seed']}",
-        test_split=test_split, flip=cfg.train.flip,
+        test_split=test_split, flip=cfg.train.flip, stored=stored, ddp=ddp,
     )
     # "seed" is the evaluation seed of the config; the student's derived torch seed is kept beside it.
     result.update({"method": job["method"], "ipc": int(distilled["ipc"]), "fingerprint": job["key"],
                    "seed": job["seed"], "torch_seed": result["seed"]})
-    atomic_write_json(job["path"], result)
+    if not ddp or distributed.is_main():
+        atomic_write_json(job["path"], result)
     return result
 
 
@@ -197,10 +244,19 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
                  result["student"], result["label_mode"], result["seed"], result["top1"], result["best_top1"],
                  result["best_epoch"])
 
+    stored_methods = sorted({job["method"] for job in pending if job["stored"]})
+    if stored_methods:
+        ensure_label_stores(cfg, dataset, run, device, priors, committee, stored_methods)
     context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device, "priors": priors,
                "committee": committee}
-    trained = map_jobs(_evaluation_job, pending, _evaluation_context, (worker_config_data(cfg, run), priors),
-                       workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
+    if cfg.ddp and distributed.active():
+        # Every rank takes part in every student (DistributedDataParallel); rank 0 writes the files.
+        distributed.barrier()
+        trained = [_evaluation_job(context, job) for job in pending]
+        distributed.barrier()
+    else:
+        trained = map_jobs(_evaluation_job, pending, _evaluation_context, (worker_config_data(cfg, run), priors),
+                           workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
     for job, result in zip(pending, trained):
         done[job["path"]] = result
         report(result)
@@ -242,6 +298,12 @@ def row_setting(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in row.items() if k not in STANDARD_ROW_KEYS)
 
 
+def _setting_text(row: dict) -> str:
+    """The setting cell of a results row: the variant's name, then its varied settings."""
+    variant, setting = row.get("variant", ""), row_setting(row)
+    return f"{variant} ({setting})" if variant and setting else variant or setting
+
+
 def format_results(metrics: dict) -> str:
     where = "test top-1"
     if metrics.get("validation"):
@@ -249,7 +311,7 @@ def format_results(metrics: dict) -> str:
     lines = [f"Results on {metrics['dataset']} at IPC {metrics['ipc']} (final-epoch {where}, mean ± std over seeds)"]
     table: dict[tuple, dict] = {}
     for row in metrics["results"]:
-        table.setdefault((row["method"], row["student"], row_setting(row)), {})[row["label_mode"]] = row
+        table.setdefault((row["method"], row["student"], _setting_text(row)), {})[row["label_mode"]] = row
     with_setting = any(setting for _, _, setting in table)
     if with_setting:
         lines += ["| method | student | setting | soft label | hard label |", "|---|---|---|---|---|"]

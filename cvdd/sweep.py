@@ -103,7 +103,7 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
     Every variant is checked before any of them runs, so a bad one fails before hours of
     work. The base run's committee is trained first if it is missing, once for all variants.
     """
-    from .pipeline import run_pipeline
+    from .pipeline import real_hard_reference, run_pipeline
     from .runs import atomic_write_text
 
     if not variants:
@@ -112,7 +112,7 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
     base.train_committee()
     if any(m in ("cvdd", "random") for m in base.cfg.methods):
         base.priors()
-    rows, stage_seconds, priors = [], {}, {}
+    rows, stage_seconds, priors, real_hard = [], {}, {}, {}
     for name, session in tqdm(sessions.items(), desc="variants", unit="variant"):
         session.run.create()
         _share_finished_work(base.run, session.run)
@@ -123,11 +123,13 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
         for row in metrics["results"]:
             rows.append({**row, "variant": name, **setting})
         stage_seconds[name] = metrics["stage_seconds"]
+        # acc(real, hard) of HLR comes from the base committee, which every variant is compared with.
+        real_hard.update(real_hard_reference(session.cfg, base.run))
         priors[name] = metrics["priors"]
     combined = {
         "dataset": base.dataset.name, "ipc": base.cfg.synthesis.ipc, "results": rows,
         "priors": next(iter(priors.values())), "variants": {n: dict(v) for n, v in variants.items()}, "shared": dict(shared or {}),
-        "variant_priors": priors, "std": "sample standard deviation over seeds (ddof=1)",
+        "variant_priors": priors, "real_hard": real_hard, "std": "sample standard deviation over seeds (ddof=1)",
         "stage_seconds": {k: round(sum(v.get(k, 0.0) for v in stage_seconds.values()), 1)
                           for k in ("committee", "prior", "synthesis", "evaluate")},
         "variant_stage_seconds": stage_seconds, "peak_rss_bytes": peak_rss_bytes(),

@@ -13,6 +13,7 @@ own file as soon as it finishes, so an interrupted run continues with the next i
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -34,7 +35,7 @@ from .config import SynthesisConfig, config_to_dict, fingerprint
 from .data import ImageDataset, sample_per_class
 from .errors import ConfigError
 from .runs import atomic_torch_save, atomic_write_text
-from .train import seed_for
+from .train import autocast, seed_for
 from .voting import draw_experts, online_reweighting, strongest_expert, voter_weights
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,31 @@ def resolve_init(method: str, cfg: SynthesisConfig) -> str:
 
 
 class Expert:
-    """A frozen committee member with its BN hook and prior."""
+    """A frozen committee member with its BN hook and prior.
 
-    def __init__(self, name: str, model: nn.Module, prior: float, needs_bn: bool):
+    With `channels_last` or `compile`, the expert works on its own copy of the model, so the
+    committee's models (which post-evaluation uses as teachers) keep their layout.
+    """
+
+    def __init__(self, name: str, model: nn.Module, prior: float, needs_bn: bool,
+                 channels_last: bool = False, compile: bool = False):
         self.name = name
+        if channels_last or compile:
+            model = copy.deepcopy(model)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.prior = prior
+        self.channels_last = channels_last
         if needs_bn:
             require_batchnorm(model, name)
         self.hook = BNStatisticsHook(model) if needs_bn else None
+        self.forward = torch.compile(model) if compile else model
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.forward(images)
 
 
 def _valid_range(dataset: ImageDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +166,9 @@ def synthesize_item(
         total = torch.zeros((), device=device)
         ce_terms, bn_terms = [], []
         for index, expert in enumerate(experts):
-            logits = expert.model(augmented)
-            ce = F.cross_entropy(logits, labels)
+            with autocast(augmented.device, cfg.precision):
+                logits = expert(augmented)
+            ce = F.cross_entropy(logits.float(), labels)
             if expert.hook is not None and cfg.r_bn > 0 and (bn_owner is None or index == bn_owner):
                 bn = bn_matching_loss(expert.hook, cfg.bn_form, cfg.bn_reduction, cfg.first_bn_multiplier)
             else:
@@ -282,7 +300,8 @@ def distill(
     start = time.perf_counter()
     try:
         for name in draws_from:
-            experts_all[name] = Expert(name, committee[name], float(priors.get(name, 0.0)), needs_bn)
+            experts_all[name] = Expert(name, committee[name], float(priors.get(name, 0.0)), needs_bn,
+                                       channels_last=cfg.channels_last, compile=cfg.compile)
         # Under torchrun each rank optimises its share of the items (see cvdd.distributed).
         bar = tqdm(distributed.shard(items), desc=f"distill {method}", leave=False)
         for item in bar:

@@ -14,6 +14,7 @@ from torch import nn
 from .progress import tqdm
 
 from .augment import random_resized_crop
+from . import distributed
 from .config import RunConfig, TrainConfig, config_to_dict, fingerprint
 from .data import ImageDataset, Split
 from .models import checkpoint_payload, count_parameters, create_model, load_checkpoint
@@ -66,6 +67,7 @@ def evaluate_top1(model: nn.Module, split: Split, dataset: ImageDataset, device:
 def train_model(
     model: nn.Module, dataset: ImageDataset, cfg: TrainConfig, device: torch.device, seed: int,
     indices: torch.Tensor | None = None, desc: str = "train", state_path=None, state_key: str = "",
+    ddp: bool = False,
 ) -> list[dict]:
     """Train `model` with cross-entropy on the train split (or the subset `indices`).
 
@@ -76,9 +78,16 @@ def train_model(
     With `state_path`, the model, optimiser, schedule and random states are saved after
     every epoch, and a later call with the same `state_key` continues after the last
     saved epoch with the same random stream as an uninterrupted run.
+
+    With `ddp` under torchrun, every rank draws the same global batch and augmentation and
+    trains a DistributedDataParallel copy on its own rows of it; rank 0 writes the state file.
     """
+    from . import distributed
+
+    ddp = ddp and distributed.active()
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
+    trained = distributed.wrap_ddp(model, device) if ddp else model
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -121,8 +130,11 @@ def train_model(
             labels = labels.to(device)
             if cfg.augment:
                 images = random_resized_crop(images, scale=cfg.crop_scale, flip=cfg.flip, generator=generator)
+            if ddp:
+                mine = distributed.local_rows(len(images))
+                images, labels = images[mine], labels[mine]
             with autocast(device, cfg.precision):
-                logits = model(images)
+                logits = trained(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,6 +143,10 @@ def train_model(
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += len(labels)
+        if ddp:
+            seen = int(distributed.all_sum(seen))
+            loss_sum = torch.tensor(distributed.all_sum(float(loss_sum)))
+            correct = torch.tensor(distributed.all_sum(float(correct)))
         record = {
             "epoch": epoch + 1,
             "loss": float(loss_sum) / max(1, seen),
@@ -140,7 +156,7 @@ def train_model(
         history.append(record)
         log.info("%s epoch %d/%d: loss %.4f, train top-1 %.4f, %.1f s", desc, epoch + 1, cfg.epochs,
                  record["loss"], record["train_top1"], record["seconds"])
-        if state_path is not None and epoch + 1 < cfg.epochs:
+        if state_path is not None and epoch + 1 < cfg.epochs and (not ddp or distributed.is_main()):
             atomic_torch_save({
                 "key": state_key, "epoch": epoch + 1, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -212,8 +228,9 @@ def _train_member(context: dict, arch: str) -> dict:
     log.info("member %s: width %g, %d parameters, %d epochs", arch, width, count_parameters(model),
              train_cfg.epochs)
     partial = path.with_suffix(".partial.pt")
+    ddp = cfg.ddp and distributed.active()
     history = train_model(model, dataset, train_cfg, device, seed_for(cfg.seed, "train", arch), desc=arch,
-                          state_path=partial, state_key=expected)
+                          state_path=partial, state_key=expected, ddp=ddp)
     seconds = sum(h["seconds"] for h in history)
     top1 = evaluate_top1(model, dataset.test, dataset, device, train_cfg.eval_batch_size, train_cfg.precision)
     log.info("member %s: test top-1 %.4f after %.1f s of training", arch, top1, seconds)
@@ -223,12 +240,13 @@ def _train_member(context: dict, arch: str) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     payload = checkpoint_payload(model, arch=arch, width=width, dataset=dataset, accuracy=top1, config=meta_config)
-    atomic_torch_save(payload, path)
-    lines = ["epoch,loss,train_top1,seconds"] + [
-        f"{h['epoch']},{h['loss']:.6f},{h['train_top1']:.6f},{h['seconds']:.2f}" for h in history
-    ]
-    atomic_write_text(path.with_suffix(".csv"), "\n".join(lines) + "\n")
-    partial.unlink(missing_ok=True)
+    if not ddp or distributed.is_main():
+        atomic_torch_save(payload, path)
+        lines = ["epoch,loss,train_top1,seconds"] + [
+            f"{h['epoch']},{h['loss']:.6f},{h['train_top1']:.6f},{h['seconds']:.2f}" for h in history
+        ]
+        atomic_write_text(path.with_suffix(".csv"), "\n".join(lines) + "\n")
+        partial.unlink(missing_ok=True)
     return {"top1": top1, "seconds": seconds, "parameters": count_parameters(model), "skipped": False}
 
 
@@ -255,8 +273,14 @@ def pretrain_committee(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, de
         else:
             pending.append(arch)
     context = {"cfg": cfg, "dataset": dataset, "run": run, "device": device}
-    trained = map_jobs(_train_member, pending, build_context, (worker_config_data(cfg, run),),
-                       workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
+    if cfg.ddp and distributed.active():
+        # Every rank trains every member together (DistributedDataParallel); rank 0 writes the checkpoints.
+        distributed.barrier()
+        trained = [_train_member(context, arch) for arch in pending]
+        distributed.barrier()
+    else:
+        trained = map_jobs(_train_member, pending, build_context, (worker_config_data(cfg, run),),
+                           workers_for(cfg, device), in_process_context=context, log_file=run.log_path)
     results.update(dict(zip(pending, trained)))
     return {arch: results[arch] for arch in cfg.committee.members}
 

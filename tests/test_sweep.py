@@ -18,8 +18,16 @@ def test_format_results_adds_setting_column_for_ablation_rows():
     rows = [_row("cvdd", "soft", 0.5, variant="T1", temperature=1), _row("cvdd", "soft", 0.6, variant="T5", temperature=5)]
     text = format_results({"dataset": "digits", "ipc": 10, "results": rows})
     assert "| method | student | setting | soft label | hard label |" in text
-    assert "| cvdd | resnet18 | temperature=1 | 50.00 ± 1.00 | - |" in text
-    assert "| cvdd | resnet18 | temperature=5 | 60.00 ± 1.00 | - |" in text
+    assert "| cvdd | resnet18 | T1 (temperature=1) | 50.00 ± 1.00 | - |" in text
+    assert "| cvdd | resnet18 | T5 (temperature=5) | 60.00 ± 1.00 | - |" in text
+
+
+def test_format_results_keeps_variants_apart_when_their_setting_is_a_row_key():
+    """An IPC variant's override (synthesis.ipc) names a standard row key, so only the variant tells rows apart."""
+    rows = [_row("cvdd", "soft", 0.25, variant="ipc1"), _row("cvdd", "soft", 0.5, variant="ipc10")]
+    text = format_results({"dataset": "digits", "ipc": 10, "results": rows})
+    assert "| cvdd | resnet18 | ipc1 | 25.00 ± 1.00 | - |" in text
+    assert "| cvdd | resnet18 | ipc10 | 50.00 ± 1.00 | - |" in text
 
 
 def test_format_results_plain_rows_have_no_setting_column():
