@@ -40,7 +40,7 @@ from .session import override_list, project_path, project_root
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = {"name", "description", "config", "run_dir", "overrides", "notebooks", "parameters",
-                   "paper_priors", "paper_note", "metrics_file", "paper_results", "paper_source"}
+                   "paper_priors", "paper_note", "metrics_file", "paper_results", "paper_source", "report_folder"}
 
 
 @dataclass
@@ -61,7 +61,14 @@ class Experiment:
     # The paper's top-1 (%) for the same rows: {variant: {method: value}}; "main" names a run without variants.
     paper_results: dict[str, dict[str, float]] = field(default_factory=dict)
     paper_source: str = ""
+    # The report's folder under reports/, when not the experiment's name (parts of one study
+    # share a parent: fidelity-cifar10/table1).
+    report_folder: str = ""
     path: str = ""
+
+    @property
+    def folder(self) -> str:
+        return self.report_folder or self.name
 
 
 def experiments_dir() -> Path:
@@ -127,8 +134,9 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
 
     spec = load_experiment(name)
     root = project_root() or Path.cwd()
-    out = project_path(reports_dir) / spec.name
-    staging = out.parent / f"{spec.name}.tmp-{os.getpid()}"
+    out = project_path(reports_dir) / spec.folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     figures = staging / "figures"
@@ -168,7 +176,7 @@ def rewrite_results(name: str | Path, reports_dir: str | Path = "reports") -> Pa
     Executes no notebook: use it after editing discussion.md or the experiment's paper numbers.
     """
     spec = load_experiment(name)
-    out = project_path(reports_dir) / spec.name
+    out = project_path(reports_dir) / spec.folder
     if not (out / "metrics.json").is_file():
         raise CvddError(f"no metrics.json in {str(out)!r}; run `cvdd report {spec.name}` first")
     metrics = read_json(out / "metrics.json")
@@ -313,8 +321,8 @@ def collect_reports(reports_dir: str | Path = "reports") -> str:
 
     folder = project_path(reports_dir)
     sections = []
-    for path in sorted(folder.glob("*/metrics.json")):
-        sections += [f"### {path.parent.name}", "", format_results(read_json(path)), ""]
+    for path in sorted(folder.glob("**/metrics.json")):
+        sections += [f"### {path.parent.relative_to(folder)}", "", format_results(read_json(path)), ""]
     if not sections:
         return f"No report with a metrics.json in {str(folder)!r} yet; run `cvdd report NAME`."
     return "\n".join(sections)

@@ -18,6 +18,8 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
+from cvdd.report import collect_reports
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 MEMBERS = ["resnet18", "mobilenet_v2"]
@@ -223,12 +225,12 @@ def test_tutorial_passes_nbval(tiny_run, name, tmp_path):
     assert " passed" in result.stdout
 
 
-def _report_experiment(path: Path, tiny_run, notebooks: list[str], overrides: dict) -> Path:
+def _report_experiment(path: Path, tiny_run, notebooks: list[str], overrides: dict, **extra) -> Path:
     path.write_text(json.dumps({
         "description": "two notebooks on the tiny quickstart run",
         "config": str(ROOT / "configs" / "digits.yaml"), "run_dir": str(tiny_run["run_dir"]),
         "overrides": overrides, "notebooks": notebooks,
-        "paper_priors": {"resnet18": 75.41, "mobilenet_v2": 71.37},
+        "paper_priors": {"resnet18": 75.41, "mobilenet_v2": 71.37}, **extra,
     }))
     return path
 
@@ -271,19 +273,27 @@ def test_report_tables_match_metrics(tiny_run, tmp_path):
 
 
 def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
+    """Also places the report in the folder that report_folder names, as the parts of a study do."""
     reports = tmp_path / "reports"
-    good = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee"], TINY)
+    folder = {"report_folder": "study/tiny"}
+    good = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee"], TINY, **folder)
     assert _cvdd("report", str(good), "--reports-dir", str(reports), cwd=ROOT).returncode == 0
-    before = {p: p.read_bytes() for p in (reports / "tiny").rglob("*") if p.is_file()}
-    broken = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee"], {**TINY, "synthesis.experts": 0})
+    assert (reports / "study" / "tiny" / "01_committee.ipynb").is_file()
+    assert not (reports / "tiny").exists()
+    assert "### study/tiny" in collect_reports(reports)
+    before = {p: p.read_bytes() for p in (reports / "study" / "tiny").rglob("*") if p.is_file()}
+    broken = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee"], {**TINY, "synthesis.experts": 0},
+                                **folder)
     result = _cvdd("report", str(broken), "--reports-dir", str(reports), cwd=ROOT)
     assert result.returncode == 2
     error_lines = [x for x in result.stderr.splitlines() if x.startswith("cvdd: error:")]
     assert len(error_lines) == 1
     assert "01_committee" in error_lines[0]
     assert "synthesis.experts" in error_lines[0]
-    after = {p: p.read_bytes() for p in (reports / "tiny").rglob("*") if p.is_file()}
+    after = {p: p.read_bytes() for p in (reports / "study" / "tiny").rglob("*") if p.is_file()}
     assert after == before
+    # The failed notebook's executed copy stays beside the report, for inspection.
+    assert [p.name for p in (reports / "study").glob("tiny.tmp-*/01_committee.ipynb")]
 
 
 def test_unknown_experiment_is_a_one_line_error(tmp_path):
