@@ -1,7 +1,7 @@
 """Peak memory of synthesis at the CPU profile, and whether it grows with the iteration count.
 
 Each measurement runs in a fresh Python process, so its peak resident set size (RSS, from
-getrusage) belongs to that measurement alone; on a GPU the figure is
+getrusage) belongs to that measurement alone. On a GPU the figure is
 torch.cuda.max_memory_allocated instead.
 
 - synthesis: one CV-DD work item of configs/cifar10-cpu.yaml (a class block of 10 images at
@@ -56,8 +56,12 @@ def synthesis_peak(iterations: int, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def digits_run_peak() -> dict:
-    with tempfile.TemporaryDirectory() as folder:
+def digits_run_peak(keep: str = "") -> dict:
+    """Run the digits config from an empty run folder: a temporary one, or `keep` when given (it must not exist)."""
+    if keep and Path(keep).exists():
+        raise SystemExit(f"memory.py: --keep-run folder {keep!r} already exists; name a new folder")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = keep or scratch
         env = {**os.environ, "CVDD_NO_PROGRESS": "1"}
         subprocess.run([sys.executable, "-m", "cvdd", "run", "--config", str(ROOT / "configs" / "digits.yaml"),
                         "--run-dir", folder], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
@@ -70,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, nargs=2, default=[20, 200], metavar=("SHORT", "LONG"))
     parser.add_argument("--digits-run", action="store_true", help="also time a whole digits run (about 5 minutes)")
+    parser.add_argument("--keep-run", default="", metavar="DIR",
+                        help="with --digits-run: keep the digits run folder in DIR (a new folder) for later use")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     gib = 2**30
@@ -82,7 +88,7 @@ def main() -> None:
     memory = {"device": args.device, "synthesis": {str(args.iterations[0]): short, str(args.iterations[1]): long,
                                                    "long_over_short": growth}}
     if args.digits_run:
-        digits = digits_run_peak()
+        digits = digits_run_peak(args.keep_run)
         memory["digits_run"] = digits
         stages = ", ".join(f"{k} {v / gib:.2f}" for k, v in digits["stage_peak_rss_bytes"].items())
         print(f"digits run: peak RSS {digits['peak_rss_bytes'] / gib:.2f} GiB (after each stage, GiB: {stages})")

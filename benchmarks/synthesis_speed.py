@@ -9,6 +9,7 @@ median over rounds of the mean step time.
 
     python benchmarks/synthesis_speed.py            # CPU-profile widths (0.25) and full widths
     python benchmarks/synthesis_speed.py --widths 0.25 --rounds 3
+    python benchmarks/synthesis_speed.py --widths 0.25 --options default --profile 15
 
 Prints ms per image per iteration and the ratios, and writes synthesis_over_floor (at the
 first width) into benchmarks/results.json.
@@ -79,7 +80,7 @@ OPTIONS = {"default": {}, "channels_last": {"channels_last": True}, "bf16": {"pr
 
 
 def measure(width: float, batch: int, size: int, iterations: int, rounds: int, options: list[str],
-            device: str = "cpu") -> dict:
+            device: str = "cpu", profile_rows: int = 0) -> dict:
     dataset = _dataset(batch, size)
     models = {name: model.to(device) for name, model in _members(width, batch, size).items()}
     images = torch.randn(batch, 3, size, size).to(device)
@@ -119,6 +120,16 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int, o
         for name, step in steps.items():
             timings[name].append(_time(step, device) / iterations)
     median = {k: statistics.median(v) for k, v in timings.items()}
+    profiles = {}
+    if profile_rows:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        for name in ("cvdd default", "floor"):
+            if name not in steps:
+                continue
+            with profile(activities=activities) as prof:
+                steps[name]()
+            profiles[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows)
     return {
         "width": width, "batch": batch, "image_size": size, "iterations": iterations, "rounds": rounds,
         "ms_per_image_iteration": {k: 1000 * v / batch for k, v in median.items()},
@@ -126,6 +137,7 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int, o
         "synthesis_over_floor": median["cvdd default"] / median["floor"],
         "cvdd_over_sre2lpp": median["cvdd default"] / median["sre2l++"],
         "first_call_seconds": compile_seconds,
+        "profiles": profiles,
     }
 
 
@@ -139,11 +151,16 @@ def main() -> None:
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS),
                         help="speed options to time; compile spends a minute or more compiling first")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after the rounds, print the profiler's top ROWS operators of one CV-DD call and one floor call")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_device(args.device)}")
     results = []
     for width in args.widths:
-        r = measure(width, args.batch, args.size, args.iterations, args.rounds, args.options, args.device)
+        r = measure(width, args.batch, args.size, args.iterations, args.rounds, args.options, args.device,
+                    args.profile)
+        for name, table in r.pop("profiles").items():
+            print(f"profile of one {name} call ({args.iterations} steps), width {width}:\n{table}")
         results.append(r)
         ms = r["ms_per_image_iteration"]
         print(f"width {width}, batch {args.batch}, {args.size} px: ms per image per iteration: "

@@ -177,13 +177,25 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import run_report
+    from .report import rewrite_results, run_report, study_parts, write_study_index
     from .runs import setup_logging
+    from .session import project_path
 
     setup_logging()
+    parts = study_parts(args.experiment)
+    if parts:
+        # A study: every part in turn, then the index of all parts.
+        for spec in parts:
+            done = (project_path(args.reports_dir) / spec.folder / "metrics.json").is_file()
+            if args.tables_only and done:
+                print(f"rewrote {rewrite_results(spec.name, reports_dir=args.reports_dir)}")
+            elif not args.tables_only:
+                start = time.perf_counter()
+                out = run_report(spec.name, reports_dir=args.reports_dir)
+                print(f"report written to {out} in {time.perf_counter() - start:.0f} s")
+        print(f"wrote {write_study_index(args.experiment, reports_dir=args.reports_dir)}")
+        return 0
     if args.tables_only:
-        from .report import rewrite_results
-
         print(f"rewrote {rewrite_results(args.experiment, reports_dir=args.reports_dir)}")
         return 0
     start = time.perf_counter()
@@ -222,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="execute an experiment's notebooks with papermill into reports/",
                             description="execute the notebooks that configs/experiments/EXPERIMENT.yaml lists, "
                                         "with its parameters, into REPORTS_DIR/EXPERIMENT/")
-    report.add_argument("experiment", help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
+    report.add_argument("experiment", help="experiment name (configs/experiments/NAME.yaml), a YAML path, "
+                        "or a study whose parts name report folders under it (fidelity-cifar10)")
     report.add_argument("--reports-dir", default="reports", help="parent folder of the report (default: reports)")
     report.add_argument("--tables-only", action="store_true",
                         help="rebuild results.md from the report's metrics.json and discussion.md, executing nothing")

@@ -315,6 +315,69 @@ def _priors_section(spec: Experiment, metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def study_parts(name: str) -> list[Experiment]:
+    """Experiments whose report_folder lies under `name` (the parts of one study), in name order."""
+    if (experiments_dir() / f"{name}.yaml").is_file() or Path(name).suffix in (".yaml", ".yml"):
+        return []
+    specs = [load_experiment(n) for n in list_experiments()]
+    return [s for s in specs if s.folder.startswith(f"{name}/")]
+
+
+# The sections of each part's results.md that the study index repeats, in this order.
+STUDY_SECTIONS = ("Beside the paper", "Results", "Fair metrics", "Notebooks")
+
+
+def _sections(markdown: str) -> dict[str, str]:
+    """Split a results.md at its level-2 headings into {heading: body}."""
+    sections: dict[str, str] = {}
+    for chunk in markdown.split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        sections[title.strip()] = body.strip()
+    return sections
+
+
+def write_study_index(name: str, reports_dir: str | Path = "reports") -> Path:
+    """Write reports/<name>/results.md from the results.md of every part of the study.
+
+    The index copies each part's tables, so its numbers are those of the parts' metrics.json
+    files. The study's own discussion.md (the reading across parts) comes first.
+    """
+    parts = study_parts(name)
+    if not parts:
+        raise ConfigError(f"no experiment has a report_folder under {name!r}; "
+                          f"choose an experiment from {list_experiments()}")
+    out = project_path(reports_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Study `{name}`", "",
+             f"{len(parts)} parts, each an experiment file in `configs/experiments/` with its own report folder. "
+             f"`cvdd report {name}` runs every part (each resumes where it stopped) and rewrites this file; "
+             f"`cvdd report {name} --tables-only` rewrites the tables only. Every table below is copied from "
+             "the part's results.md, which is generated from the metrics.json beside it.", ""]
+    notes = out / "discussion.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    priors_done = False
+    for spec in parts:
+        folder = project_path(reports_dir) / spec.folder
+        relative = Path(spec.folder).relative_to(name)
+        lines += [f"## Part `{spec.name}`", "", spec.description.strip(), "",
+                  f"Command: `cvdd report {spec.name}`. Report: [{relative}/results.md]({relative}/results.md).", ""]
+        results = folder / "results.md"
+        if not (results.is_file() and (folder / "metrics.json").is_file()):
+            lines += ["Not run yet.", ""]
+            continue
+        sections = _sections(results.read_text())
+        for title in STUDY_SECTIONS:
+            if title in sections:
+                body = sections[title].replace("](", f"]({relative}/").replace(f"]({relative}/http", "](http")
+                lines += [f"### {title}", "", body, ""]
+        if not priors_done and "Prior performance (Algorithm 1)" in sections:
+            lines += ["### Prior performance (Algorithm 1)", "", sections["Prior performance (Algorithm 1)"], ""]
+            priors_done = True
+    atomic_write_text(out / "results.md", "\n".join(lines))
+    return out / "results.md"
+
+
 def collect_reports(reports_dir: str | Path = "reports") -> str:
     """Collect the results tables of every report folder that contains a metrics.json, as Markdown."""
     from .pipeline import format_results

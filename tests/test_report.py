@@ -1,0 +1,77 @@
+"""The study index: one results.md that repeats the tables of every part of a study."""
+
+import json
+
+import pytest
+
+from cvdd.errors import ConfigError
+from cvdd.report import study_parts, write_study_index
+
+PART_RESULTS = """# Report `fidelity-cifar10-table1`
+
+## Results
+
+| method | student | soft label | hard label |
+|---|---|---|---|
+| cvdd | resnet18 | 42.65 ± 0.62 | 35.15 ± 0.35 |
+
+## Beside the paper
+
+| variant | method | here: soft top-1 (%) | paper: top-1 (%) |
+|---|---|---|---|
+| ipc10 | cvdd | 42.65 ± 0.62 | 54.7 |
+
+## Prior performance (Algorithm 1)
+
+| member | alpha here (%) | paper Table 15 (%) |
+|---|---|---|
+| resnet18 | 34.65 | 75.41 |
+
+## Notebooks
+
+| notebook | seconds to execute |
+|---|---|
+| [08_ablation](08_ablation.ipynb) | 1561.0 |
+
+## Figures
+
+![curves](figures/curves.png)
+"""
+
+
+def test_study_parts_of_fidelity_study():
+    names = [spec.name for spec in study_parts("fidelity-cifar10")]
+    assert "fidelity-cifar10-table1" in names
+    assert "fidelity-cifar10-crossarch" in names
+    assert all(spec.folder.startswith("fidelity-cifar10/") for spec in study_parts("fidelity-cifar10"))
+
+
+def test_experiment_name_is_not_a_study():
+    assert study_parts("digits") == []
+
+
+def test_study_index_copies_part_tables(tmp_path):
+    part = tmp_path / "fidelity-cifar10" / "table1"
+    part.mkdir(parents=True)
+    (part / "results.md").write_text(PART_RESULTS)
+    (part / "metrics.json").write_text(json.dumps({"results": []}))
+    (tmp_path / "fidelity-cifar10" / "discussion.md").write_text("## Reading\n\nOrderings at CPU scale.\n")
+
+    text = write_study_index("fidelity-cifar10", reports_dir=tmp_path).read_text()
+
+    assert text.index("Orderings at CPU scale.") < text.index("## Part `fidelity-cifar10-table1`")
+    assert "| cvdd | resnet18 | 42.65 ± 0.62 | 35.15 ± 0.35 |" in text
+    assert "| ipc10 | cvdd | 42.65 ± 0.62 | 54.7 |" in text
+    assert "| resnet18 | 34.65 | 75.41 |" in text
+    # Links point into the part's folder; figures stay in the part's own report.
+    assert "[08_ablation](table1/08_ablation.ipynb)" in text
+    assert "curves.png" not in text
+    # A part without a report yet is listed with its command.
+    crossarch = text.split("## Part `fidelity-cifar10-crossarch`")[1].split("## Part")[0]
+    assert "Command: `cvdd report fidelity-cifar10-crossarch`" in crossarch
+    assert "Not run yet." in crossarch
+
+
+def test_unknown_study_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no experiment has a report_folder under 'nothing'"):
+        write_study_index("nothing", reports_dir=tmp_path)
