@@ -502,6 +502,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data, cls)
 
 
+LABEL_STORE_KEYS = ("labels", "label_top_k", "augment_seed")
+
+
+def without_label_store(eval_cfg: EvalConfig) -> EvalConfig:
+    """Return `eval_cfg` with the stored-label keys at their defaults.
+
+    Results that never read a label store (hard labels, on-the-fly soft labels, the priors'
+    students) key on this view, so switching evaluate.labels to stored reuses them.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in LABEL_STORE_KEYS}
+    return dataclasses.replace(eval_cfg, **defaults)
+
+
 def hash_view(cfg) -> dict:
     """Return the config as plain data for hashing: fields added later are dropped at their default."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import RunConfig, fingerprint, hash_view
+from .config import RunConfig, fingerprint, hash_view, without_label_store
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
 from .prior import load_or_compute_priors
@@ -112,12 +112,15 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
         teachers = teachers_for(method, cfg, committee, priors)
         for student in cfg.evaluate.students:
             for mode in cfg.evaluate.label_modes:
+                stored = mode == "soft" and cfg.evaluate.labels == "stored"
+                eval_cfg = method_eval_config(cfg, method)
+                if not stored:
+                    eval_cfg = without_label_store(eval_cfg)
                 for seed in cfg.evaluate.seeds:
                     # Only the flip-free case adds a part, so results made with flips keep their keys.
-                    key = fingerprint(distilled["fingerprint"], method_eval_config(cfg, method), student, width, mode,
+                    key = fingerprint(distilled["fingerprint"], eval_cfg, student, width, mode,
                                       seed, list(teachers.teachers), teachers.weights.tolist(),
                                       {m: ids[m] for m in teachers.teachers}, *([] if cfg.train.flip else ["no flip"]))
-                    stored = mode == "soft" and cfg.evaluate.labels == "stored"
                     # Stored-label results get their own files, so both kinds of result can stand side by side.
                     path = run.eval_path(method, student, "soft-stored" if stored else mode, seed)
                     jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,

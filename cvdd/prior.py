@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .config import RunConfig, SynthesisConfig, config_to_dict, fingerprint, hash_view
+from .config import RunConfig, SynthesisConfig, without_label_store, config_to_dict, fingerprint, hash_view
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, train_student
 from .models import checkpoint_payload, create_model, load_checkpoint
@@ -91,7 +91,9 @@ def _prior_settings(cfg: RunConfig, dataset: ImageDataset):
     cvdd_only = {f.name: f.default for f in dataclasses.fields(SynthesisConfig) if f.name in CVDD_ONLY_KEYS}
     synthesis_cfg = dataclasses.replace(cfg.synthesis, ipc=pcfg.ipc,
                                         iterations=pcfg.iterations or cfg.synthesis.iterations, **cvdd_only)
-    eval_cfg = dataclasses.replace(cfg.evaluate, epochs=pcfg.student_epochs or cfg.evaluate.epochs,
+    # The prior's students label on the fly: how the main run stores its labels does not change
+    # Algorithm 1, so a run with stored labels reuses the priors.
+    eval_cfg = dataclasses.replace(without_label_store(cfg.evaluate), epochs=pcfg.student_epochs or cfg.evaluate.epochs,
                                    eval_every=pcfg.student_epochs or cfg.evaluate.epochs)
     return train_idx, eval_idx, synthesis_cfg, eval_cfg
 

@@ -103,7 +103,7 @@ def test_stored_mode_writes_its_own_results_and_reuses_the_store(tmp_path):
     config = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
     sets = ["workers=1", "committee.members=[resnet18]", "committee.width=0.125", "train.epochs=1",
             "prior.values={resnet18: 80.0}", "synthesis.experts=1", "synthesis.ipc=2", "synthesis.iterations=2",
-            "evaluate.epochs=2", "evaluate.eval_every=2", "evaluate.seeds=[0,1]", "evaluate.label_modes=[soft]",
+            "evaluate.epochs=2", "evaluate.eval_every=2", "evaluate.seeds=[0,1]", "evaluate.label_modes=[soft,hard]",
             "methods=[random]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CVDD_NO_PROGRESS": "1", "CVDD_CACHE": str(tmp_path / "cache")}
 
@@ -117,7 +117,11 @@ def test_stored_mode_writes_its_own_results_and_reuses_the_store(tmp_path):
 
     cvdd()
     live = (tmp_path / "run" / "eval" / "random" / "resnet18-soft-seed0.json").read_text()
-    cvdd("evaluate.labels=stored")
+    hard = (tmp_path / "run" / "eval" / "random" / "resnet18-hard-seed0.json").read_text()
+    first = cvdd("evaluate.labels=stored")
+    # Hard-label students read no labels, so only the two stored-label students train.
+    assert "2 of 4 items to train (2 reused)" in first.stderr
+    assert (tmp_path / "run" / "eval" / "random" / "resnet18-hard-seed0.json").read_text() == hard
     stores = list((tmp_path / "run" / "labels" / "random").glob("*.pt"))
     assert len(stores) == 1
     stored = json.loads((tmp_path / "run" / "eval" / "random" / "resnet18-soft-stored-seed0.json").read_text())

@@ -9,7 +9,7 @@ import torch
 
 from cvdd.config import load_config
 from cvdd.data import load_dataset
-from cvdd.prior import compute_priors, load_or_compute_priors
+from cvdd.prior import compute_priors, load_or_compute_priors, prior_fingerprint
 from cvdd.runs import RunFolder
 from cvdd.train import member_fingerprint
 
@@ -48,6 +48,13 @@ def test_smaller_committee_reuses_member_priors(two_member_run, caplog):
     assert alpha == {"resnet18": priors["alpha"]["resnet18"]}
     assert "reused from" in caplog.text
     assert "held-out" not in caplog.text
+
+
+def test_stored_labels_reuse_the_priors(two_member_run):
+    cfg, dataset, run, priors = two_member_run
+    stored = tiny("evaluate.labels=stored", "evaluate.label_top_k=3", "evaluate.augment_seed=7")
+    assert prior_fingerprint(stored, dataset) == prior_fingerprint(cfg, dataset)
+    assert load_or_compute_priors(stored, dataset, run, torch.device("cpu")) == priors["alpha"]
 
 
 def test_train_override_recomputes_only_that_member(two_member_run, caplog):
