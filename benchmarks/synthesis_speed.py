@@ -18,6 +18,7 @@ first width) into benchmarks/results.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -83,6 +84,9 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int, o
             device: str = "cpu", profile_rows: int = 0) -> dict:
     dataset = _dataset(batch, size)
     models = {name: model.to(device) for name, model in _members(width, batch, size).items()}
+    # The floor gets its own copies: an Expert attaches BN statistics hooks to its model, and
+    # the floor must run without them.
+    bare = {name: copy.deepcopy(model) for name, model in models.items()}
     images = torch.randn(batch, 3, size, size).to(device)
     labels = torch.arange(batch).to(device)
     item = WorkItem(0, 0, list(range(batch)))
@@ -105,7 +109,7 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int, o
     def floor_step():
         for _ in range(iterations):
             x = images.clone().requires_grad_(True)
-            loss = sum(w * F.cross_entropy(m(x), labels) for w, m in zip(weights, models.values()))
+            loss = sum(w * F.cross_entropy(m(x), labels) for w, m in zip(weights, bare.values()))
             loss.backward()
 
     steps = {f"cvdd {option}": cvdd_step(option) for option in options}
