@@ -130,7 +130,7 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
 
 def label_store_path(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, method: str, priors: dict,
                      committee: dict) -> Path:
-    """The label store of a method's distilled set under the current teachers and augmentation seed."""
+    """Return the label store path of a method's distilled set under the current teachers and augmentation seed."""
     ids = member_ids(cfg, dataset, run)
     distilled = load_distilled(run, method)
     teachers = teachers_for(method, cfg, committee, priors)
@@ -302,7 +302,7 @@ def row_setting(row: dict) -> str:
 
 
 def _setting_text(row: dict) -> str:
-    """The setting cell of a results row: the variant's name, then its varied settings."""
+    """Format the setting cell of a results row: the variant's name, then its varied settings."""
     variant, setting = row.get("variant", ""), row_setting(row)
     return f"{variant} ({setting})" if variant and setting else variant or setting
 
