@@ -118,14 +118,59 @@ def _evaluation_jobs(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, prio
                     eval_cfg = without_label_store(eval_cfg)
                 for seed in cfg.evaluate.seeds:
                     # Only the flip-free case adds a part, so results made with flips keep their keys.
-                    key = fingerprint(distilled["fingerprint"], eval_cfg, student, width, mode,
-                                      seed, list(teachers.teachers), teachers.weights.tolist(),
-                                      {m: ids[m] for m in teachers.teachers}, *([] if cfg.train.flip else ["no flip"]))
+                    key_parts = [distilled["fingerprint"], eval_cfg, student, width, mode, seed,
+                                 list(teachers.teachers), teachers.weights.tolist(),
+                                 {m: ids[m] for m in teachers.teachers}, *([] if cfg.train.flip else ["no flip"])]
                     # Stored-label results get their own files, so both kinds of result can stand side by side.
                     path = run.eval_path(method, student, "soft-stored" if stored else mode, seed)
-                    jobs.append({"method": method, "student": student, "mode": mode, "seed": seed, "key": key,
-                                 "path": str(path), "stored": stored})
+                    jobs.append({"method": method, "student": student, "mode": mode, "seed": seed,
+                                 "key": result_key(key_parts), "key_parts": key_parts, "path": str(path),
+                                 "stored": stored})
     return jobs
+
+
+# Evaluation settings that choose which students run, not how one student trains.
+JOB_LIST_KEYS = ("seeds", "students", "label_modes")
+
+
+def result_key(key_parts: list) -> str:
+    """Fingerprint one student's result from what its training reads.
+
+    The lists of seeds, students and label modes are left out, so a variant that runs fewer
+    seeds or other students reuses the results it shares with the base run. A hard-label
+    student never uses a teacher, so evaluate.bssl is left out of its key too.
+    """
+    eval_cfg, mode = key_parts[1], key_parts[4]
+    dropped = JOB_LIST_KEYS + (("bssl",) if mode == "hard" else ())
+    eval_part = {k: v for k, v in hash_view(eval_cfg).items() if k not in dropped}
+    return fingerprint(key_parts[0], eval_part, *key_parts[2:])
+
+
+def _earlier_result_key(key_parts: list, saved: dict) -> str | None:
+    """Compute the key of a result written before result_key existed, from the lists it records.
+
+    Those results were keyed on the whole evaluation config, job lists included.
+    """
+    import dataclasses
+
+    recorded = saved.get("protocol", {}).get("config", {})
+    if not all(k in recorded for k in JOB_LIST_KEYS):
+        return None
+    eval_cfg = dataclasses.replace(key_parts[1], **{k: list(recorded[k]) for k in JOB_LIST_KEYS})
+    if key_parts[4] == "hard":
+        eval_cfg = dataclasses.replace(eval_cfg, bssl=bool(recorded.get("bssl", eval_cfg.bssl)))
+    return fingerprint(key_parts[0], eval_cfg, *key_parts[2:])
+
+
+def _saved_result(job: dict) -> dict | None:
+    """Return the result file of `job` when it was made with the job's settings, else None."""
+    path = Path(job["path"])
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    if saved.get("fingerprint") in (job["key"], _earlier_result_key(job["key_parts"], saved)):
+        return saved
+    return None
 
 
 def label_store_path(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, method: str, priors: dict,
@@ -231,13 +276,11 @@ def run_evaluation(cfg: RunConfig, dataset: ImageDataset, run: RunFolder, device
     done: dict[str, dict] = {}
     pending = []
     for job in jobs:
-        path = Path(job["path"])
-        if path.is_file():
-            saved = read_json(path)
-            if saved.get("fingerprint") == job["key"]:
-                saved["seed"] = job["seed"]
-                done[job["path"]] = saved
-                continue
+        saved = _saved_result(job)
+        if saved is not None:
+            saved["seed"] = job["seed"]
+            done[job["path"]] = saved
+            continue
         pending.append(job)
     if pending:
         log.info("post-evaluation: %d of %d items to train (%d reused)", len(pending), len(jobs), len(done))

@@ -402,3 +402,59 @@ def test_validation_run_tests_on_held_out_training_rows(tmp_path):
     subset = torch.load(root / "validation" / "distilled" / "random" / "images.pt", weights_only=False)
     assert set(subset["indices"].tolist()) <= set(train_rows.tolist())
     assert not set(subset["indices"].tolist()) & set(held_out.tolist())
+
+
+# --- result reuse across job lists ------------------------------------------------------------------
+
+
+def test_evaluate_with_fewer_seeds_trains_nothing(copied_run):
+    before = snapshot(copied_run, "eval")
+
+    result = run_cvdd(copied_run.parent, "evaluate", *tiny_args(copied_run, "evaluate.seeds=[1]"))
+
+    assert result.returncode == 0, result.stderr
+    assert "items to train" not in result.stderr
+    assert snapshot(copied_run, "eval") == before
+
+
+def test_bssl_off_retrains_soft_students_only(copied_run):
+    before = snapshot(copied_run, "eval")
+
+    result = run_cvdd(copied_run.parent, "evaluate", *tiny_args(copied_run, "evaluate.bssl=false"))
+
+    assert result.returncode == 0, result.stderr
+    after = snapshot(copied_run, "eval")
+    changed = sorted(k for k in before if after[k] != before[k])
+    soft = sorted(k for k in before if "-soft-" in k and not k.startswith("eval/sre2l/"))
+    # SRe2L relabels with running statistics whatever the value of evaluate.bssl, so its files stay.
+    assert changed == soft
+    assert len(soft) == (len(METHODS) - 1) * len(SEEDS)
+    assert all(json.loads(after[k][0])["protocol"]["bssl"] is False for k in soft)
+
+
+def test_result_with_earlier_key_reused(copied_run):
+    from cvdd.config import fingerprint, load_config
+    from cvdd.data import load_dataset
+    from cvdd.pipeline import _evaluation_jobs, _saved_result
+    from cvdd.runs import RunFolder
+    from cvdd.train import load_committee
+
+    cfg = load_config(DIGITS_CONFIG, TINY + [PRIOR_VALUES, "evaluate.seeds=[1]"])
+    dataset = load_dataset(cfg.data)
+    run = RunFolder(copied_run)
+    committee = load_committee(cfg, dataset, run, torch.device("cpu"))
+    job = next(j for j in _evaluation_jobs(cfg, dataset, run, PRIORS, ["cvdd"], committee) if j["mode"] == "soft")
+    path = Path(job["path"])
+    saved = json.loads(path.read_text())
+    # Before result_key, the key hashed the whole evaluation config, with the lists of the run
+    # that wrote the file: seeds [0, 1] here, where the current config requests seed 1 only.
+    parts = job["key_parts"]
+    saved["fingerprint"] = fingerprint(parts[0], dataclasses.replace(parts[1], seeds=list(SEEDS)), *parts[2:])
+    path.write_text(json.dumps(saved))
+
+    assert _saved_result(job) is not None
+
+    saved["protocol"]["config"]["seeds"] = [1]
+    path.write_text(json.dumps(saved))
+
+    assert _saved_result(job) is None
