@@ -224,6 +224,9 @@ class PriorConfig:
     student: str = "resnet18"
     # Student epochs; null: evaluate.epochs.
     student_epochs: Optional[int] = _num(None, 1)
+    # Batch-statistics BatchNorm (BSSL) in the teacher of the prior's students. It is separate from
+    # evaluate.bssl, so an ablation of BSSL in the post-evaluation reuses the priors and CV-DD set.
+    bssl: bool = _later(True)
 
 
 @dataclass

@@ -94,14 +94,15 @@ def _prior_settings(cfg: RunConfig, dataset: ImageDataset):
     # The prior's students label on the fly: how the main run stores its labels does not change
     # Algorithm 1, so a run with stored labels reuses the priors.
     eval_cfg = dataclasses.replace(without_label_store(cfg.evaluate), epochs=pcfg.student_epochs or cfg.evaluate.epochs,
-                                   eval_every=pcfg.student_epochs or cfg.evaluate.epochs)
+                                   eval_every=pcfg.student_epochs or cfg.evaluate.epochs, bssl=pcfg.bssl)
     return train_idx, eval_idx, synthesis_cfg, eval_cfg
 
 
 def _prior_member_train(cfg: RunConfig, dataset: ImageDataset, arch: str):
     """Return the training settings and the fingerprint of the member Algorithm 1 trains on its split."""
     member_cfg = cfg.member_train(arch)
-    if cfg.prior.member_epochs is not None:
+    # A member whose committee.train entry sets its epochs (an overfitted copy) keeps them here.
+    if cfg.prior.member_epochs is not None and "epochs" not in cfg.committee.train.get(arch, {}):
         member_cfg = dataclasses.replace(member_cfg, epochs=cfg.prior.member_epochs)
     member_key = fingerprint("prior-member", arch, cfg.member_width(arch), member_cfg, dataset.identity,
                              cfg.prior.train_fraction, cfg.prior.split_seed, cfg.seed)

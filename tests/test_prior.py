@@ -84,3 +84,31 @@ def test_member_train_override_with_unknown_key_names_it():
 
     with pytest.raises(ConfigError, match=r"committee\.train\.resnet18\.augmnt"):
         tiny("committee.train={resnet18: {augmnt: false}}")
+
+
+def test_evaluate_bssl_off_reuses_priors(two_member_run):
+    from cvdd.prior import _member_alpha_key
+
+    cfg, dataset, _, _ = two_member_run
+    no_bssl = tiny("evaluate.bssl=false")
+
+    assert prior_fingerprint(no_bssl, dataset) == prior_fingerprint(cfg, dataset)
+    for arch in ("resnet18", "mobilenet_v2"):
+        assert _member_alpha_key(no_bssl, dataset, arch) == _member_alpha_key(cfg, dataset, arch)
+
+
+def test_prior_bssl_off_changes_key(two_member_run):
+    cfg, dataset, _, _ = two_member_run
+
+    assert prior_fingerprint(tiny("prior.bssl=false"), dataset) != prior_fingerprint(cfg, dataset)
+    assert prior_fingerprint(tiny("prior.bssl=true"), dataset) == prior_fingerprint(cfg, dataset)
+
+
+def test_member_train_epochs_kept_for_prior():
+    from cvdd.prior import _prior_member_train
+
+    cfg = tiny("committee.train={mobilenet_v2: {augment: false, epochs: 7}}")
+    dataset = load_dataset(cfg.data)
+
+    assert _prior_member_train(cfg, dataset, "mobilenet_v2")[0].epochs == 7
+    assert _prior_member_train(cfg, dataset, "resnet18")[0].epochs == 1
