@@ -97,7 +97,9 @@ class BNStatisticsHook:
         return hook
 
     def clear(self) -> None:
-        self.statistics = {}
+        # Empty the dict in place. torch.compile guards on its identity and emptiness, so a new
+        # dict, or a forward pass that finds it filled, would compile the model a second time.
+        self.statistics.clear()
 
     def remove(self) -> None:
         for handle in self._handles:

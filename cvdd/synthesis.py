@@ -108,6 +108,8 @@ class Expert:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.hook is not None:
+            self.hook.clear()
         return self.forward(images)
 
 

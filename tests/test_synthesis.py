@@ -407,3 +407,29 @@ def test_flip_follows_the_argument(digits, committee, monkeypatch):
     finally:
         remove_hooks(experts)
     assert calls == [True, True, False, False]
+
+
+def test_compiled_expert_compiles_once(digits, committee, monkeypatch):
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from cvdd.bn import bn_matching_loss
+
+    # The eager backend keeps the test fast; recompiles come from dynamo's guards, not the backend.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    expert = Expert("convnet", committee["convnet"], PRIORS["convnet"], needs_bn=True, compile=True)
+    images = first_image_of_each_class(digits)
+    try:
+        for _ in range(3):
+            expert(images.clone().requires_grad_(True))
+            bn_matching_loss(expert.hook).backward()
+    finally:
+        expert.hook.remove()
+        graphs = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+
+    assert graphs == 1
