@@ -210,6 +210,20 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_own_files(args) -> int:
+    from .sweep import variant_own_files
+
+    root = Path(args.run_dir)
+    variants = sorted(p for p in root.glob("ablations/*/*") if p.is_dir())
+    if not (root / "config.yaml").is_file():
+        raise CvddError(f"{str(root)!r} is not a run folder: config.yaml not found; pass a run folder such as "
+                        "runs/cifar10-cpu")
+    for variant in variants:
+        for path in variant_own_files(root, variant):
+            print(path.as_posix())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvdd", description="Dataset distillation by committee voting (CV-DD): train, distill, evaluate."
@@ -240,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tables-only", action="store_true",
                         help="rebuild results.md from the report's metrics.json and discussion.md, executing nothing")
     report.set_defaults(func=cmd_report)
+    own = sub.add_parser("own-files", help="list the ablation files of a run folder that differ from the base run's",
+                         description="print, one per line, every file under RUN_DIR/ablations/*/*/ that the base "
+                                     "run does not hold with the same bytes: what a committed study needs "
+                                     "(git add -f $(cvdd own-files RUN_DIR))")
+    own.add_argument("run_dir", help="the base run folder, for example runs/cifar10-cpu")
+    own.set_defaults(func=cmd_own_files)
     return parser
 
 

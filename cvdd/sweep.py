@@ -68,6 +68,25 @@ def _share_finished_work(base: RunFolder, variant: RunFolder) -> None:
                 _share(path, variant.root / path.relative_to(base.root))
 
 
+def variant_own_files(base_root: str | Path, variant_root: str | Path) -> list[Path]:
+    """List the files of a variant folder whose bytes differ from the base run's file at the same path.
+
+    The other files are the base run's, shared into the variant, and `run_variants` links them
+    in again when they are missing. A committed study therefore needs only the listed files.
+    """
+    import filecmp
+
+    base_root, variant_root = Path(base_root), Path(variant_root)
+    own = []
+    for path in sorted(variant_root.rglob("*")):
+        if not path.is_file() or ".partial" in path.name or ".tmp-" in path.name:
+            continue
+        twin = base_root / path.relative_to(variant_root)
+        if not (twin.is_file() and filecmp.cmp(path, twin, shallow=False)):
+            own.append(path)
+    return own
+
+
 def ablation_folder(base: Session, ablation: str) -> Path:
     _check_folder_name("ablation", ablation)
     return base.run.root / "ablations" / ablation

@@ -148,6 +148,26 @@ def test_config_command_prints_yaml(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_own_files_of_a_non_run_folder(tmp_path):
+    result = run_cvdd(tmp_path, "own-files", "nothing-here")
+    assert_one_line_error(result, "'nothing-here'", "config.yaml")
+
+
+def test_own_files_lists_a_variants_new_file(tmp_path):
+    run = tmp_path / "run"
+    variant = run / "ablations" / "temperature" / "T1"
+    variant.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    (run / "priors.json").write_text("{}")
+    (variant / "priors.json").write_text("{}")
+    (variant / "metrics.json").write_text("{}")
+
+    result = run_cvdd(tmp_path, "own-files", "run")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["run/ablations/temperature/T1/metrics.json"]
+
+
 # --- empty class folders, in process --------------------------------------------------------------
 
 

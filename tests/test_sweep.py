@@ -35,3 +35,25 @@ def test_format_results_plain_rows_have_no_setting_column():
     assert "| method | student | soft label | hard label |" in text
     assert "| cvdd | resnet18 | - | 25.00 ± 1.00 |" in text
     assert row_setting(_row("cvdd", "hard", 0.25)) == ""
+
+
+def test_variant_own_files_skips_base_twins(tmp_path):
+    import os
+
+    from cvdd.sweep import variant_own_files
+
+    base, variant = tmp_path / "run", tmp_path / "run" / "ablations" / "a" / "v"
+    for folder in (base / "committee", variant / "committee", variant / "eval"):
+        folder.mkdir(parents=True)
+    (base / "committee" / "resnet18.pt").write_bytes(b"weights")
+    (base / "committee" / "copied.pt").write_bytes(b"same bytes")
+    (base / "priors.json").write_text('{"alpha": 1}')
+    os.link(base / "committee" / "resnet18.pt", variant / "committee" / "resnet18.pt")
+    (variant / "committee" / "copied.pt").write_bytes(b"same bytes")
+    (variant / "priors.json").write_text('{"alpha": 2}')
+    (variant / "eval" / "new.json").write_text("{}")
+    (variant / "committee" / ".x.pt.tmp-12").write_bytes(b"half")
+
+    own = [p.relative_to(variant).as_posix() for p in variant_own_files(base, variant)]
+
+    assert own == ["eval/new.json", "priors.json"]
