@@ -336,6 +336,22 @@ def _sections(markdown: str) -> dict[str, str]:
     return sections
 
 
+PRIORS_SECTION = "Prior performance (Algorithm 1)"
+
+
+def _study_priors(finished: dict[str, dict[str, str]]) -> list[str]:
+    """Return the committee's priors for the top of the study index.
+
+    Every part shares the base run's committee, so one table serves the study. It is the
+    first table with the paper's Table 15 column, or else the first table found.
+    """
+    tables = [sections[PRIORS_SECTION] for sections in finished.values() if PRIORS_SECTION in sections]
+    if not tables:
+        return []
+    beside_paper = [t for t in tables if "paper Table 15" in t]
+    return [f"## {PRIORS_SECTION}", "", (beside_paper or tables)[0], ""]
+
+
 def write_study_index(name: str, reports_dir: str | Path = "reports") -> Path:
     """Write reports/<name>/results.md from the results.md of every part of the study.
 
@@ -356,24 +372,24 @@ def write_study_index(name: str, reports_dir: str | Path = "reports") -> Path:
     notes = out / "discussion.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
-    priors_done = False
+    # Read each finished part's sections once. Its results.md is generated from its metrics.json.
+    finished: dict[str, dict[str, str]] = {}
     for spec in parts:
         folder = project_path(reports_dir) / spec.folder
+        if (folder / "results.md").is_file() and (folder / "metrics.json").is_file():
+            finished[spec.name] = _sections((folder / "results.md").read_text())
+    lines += _study_priors(finished)
+    for spec in parts:
         relative = Path(spec.folder).relative_to(name)
         lines += [f"## Part `{spec.name}`", "", spec.description.strip(), "",
                   f"Command: `cvdd report {spec.name}`. Report: [{relative}/results.md]({relative}/results.md).", ""]
-        results = folder / "results.md"
-        if not (results.is_file() and (folder / "metrics.json").is_file()):
+        if spec.name not in finished:
             lines += ["Not run yet.", ""]
             continue
-        sections = _sections(results.read_text())
         for title in STUDY_SECTIONS:
-            if title in sections:
-                body = sections[title].replace("](", f"]({relative}/").replace(f"]({relative}/http", "](http")
+            if title in finished[spec.name]:
+                body = finished[spec.name][title].replace("](", f"]({relative}/").replace(f"]({relative}/http", "](http")
                 lines += [f"### {title}", "", body, ""]
-        if not priors_done and "Prior performance (Algorithm 1)" in sections:
-            lines += ["### Prior performance (Algorithm 1)", "", sections["Prior performance (Algorithm 1)"], ""]
-            priors_done = True
     atomic_write_text(out / "results.md", "\n".join(lines))
     return out / "results.md"
 

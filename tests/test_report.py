@@ -75,3 +75,20 @@ def test_study_index_copies_part_tables(tmp_path):
 def test_unknown_study_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no experiment has a report_folder under 'nothing'"):
         write_study_index("nothing", reports_dir=tmp_path)
+
+
+def test_study_index_paper_priors_first(tmp_path):
+    study = tmp_path / "fidelity-cifar10"
+    # The bssl part comes first in name order and has no paper column; table1 has one.
+    plain = PART_RESULTS.replace("| member | alpha here (%) | paper Table 15 (%) |\n|---|---|---|\n"
+                                 "| resnet18 | 34.65 | 75.41 |", "| member | alpha (%) |\n|---|---|\n| resnet18 | 34.65 |")
+    for folder, text in (("bssl", plain), ("table1", PART_RESULTS)):
+        (study / folder).mkdir(parents=True)
+        (study / folder / "results.md").write_text(text)
+        (study / folder / "metrics.json").write_text(json.dumps({"results": []}))
+
+    text = write_study_index("fidelity-cifar10", reports_dir=tmp_path).read_text()
+
+    assert text.count("Prior performance (Algorithm 1)") == 1
+    assert text.index("| resnet18 | 34.65 | 75.41 |") < text.index("## Part `fidelity-cifar10-bssl`")
+    assert "| resnet18 | 34.65 |\n" not in text
