@@ -218,6 +218,9 @@ def cmd_own_files(args) -> int:
     if not (root / "config.yaml").is_file():
         raise CvddError(f"{str(root)!r} is not a run folder: config.yaml not found; pass a run folder such as "
                         "runs/cifar10-cpu")
+    # The combined metrics.json of each ablation sits beside its variant folders.
+    for path in sorted(p for p in root.glob("ablations/*/*") if p.is_file() and ".tmp-" not in p.name):
+        print(path.as_posix())
     for variant in variants:
         for path in variant_own_files(root, variant):
             print(path.as_posix())
@@ -255,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rebuild results.md from the report's metrics.json and discussion.md, executing nothing")
     report.set_defaults(func=cmd_report)
     own = sub.add_parser("own-files", help="list the ablation files of a run folder that differ from the base run's",
-                         description="print, one per line, every file under RUN_DIR/ablations/*/*/ that the base "
-                                     "run does not hold with the same bytes: what a committed study needs "
+                         description="print, one per line, each ablation's combined metrics.json and every file under "
+                                     "RUN_DIR/ablations/*/*/ that the base run does not hold with the same bytes: "
+                                     "what a committed study needs "
                                      "(git add -f $(cvdd own-files RUN_DIR))")
     own.add_argument("run_dir", help="the base run folder, for example runs/cifar10-cpu")
     own.set_defaults(func=cmd_own_files)

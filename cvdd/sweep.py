@@ -68,11 +68,17 @@ def _share_finished_work(base: RunFolder, variant: RunFolder) -> None:
                 _share(path, variant.root / path.relative_to(base.root))
 
 
+# Folders of files that a run makes again from its other files or that are too large to commit:
+# the PNG copies of a distilled set and the stored soft labels.
+DERIVED_FOLDERS = ("png", "labels")
+
+
 def variant_own_files(base_root: str | Path, variant_root: str | Path) -> list[Path]:
     """List the files of a variant folder whose bytes differ from the base run's file at the same path.
 
     The other files are the base run's, shared into the variant, and `run_variants` links them
     in again when they are missing. A committed study therefore needs only the listed files.
+    Files under DERIVED_FOLDERS and unfinished files (.partial, .tmp-) are left out.
     """
     import filecmp
 
@@ -80,6 +86,8 @@ def variant_own_files(base_root: str | Path, variant_root: str | Path) -> list[P
     own = []
     for path in sorted(variant_root.rglob("*")):
         if not path.is_file() or ".partial" in path.name or ".tmp-" in path.name:
+            continue
+        if any(part in DERIVED_FOLDERS for part in path.relative_to(variant_root).parts[:-1]):
             continue
         twin = base_root / path.relative_to(variant_root)
         if not (twin.is_file() and filecmp.cmp(path, twin, shallow=False)):

@@ -161,11 +161,13 @@ def test_own_files_lists_a_variants_new_file(tmp_path):
     (run / "priors.json").write_text("{}")
     (variant / "priors.json").write_text("{}")
     (variant / "metrics.json").write_text("{}")
+    (variant.parent / "metrics.json").write_text("{}")
 
     result = run_cvdd(tmp_path, "own-files", "run")
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["run/ablations/temperature/T1/metrics.json"]
+    assert result.stdout.splitlines() == ["run/ablations/temperature/metrics.json",
+                                          "run/ablations/temperature/T1/metrics.json"]
 
 
 # --- empty class folders, in process --------------------------------------------------------------

@@ -53,7 +53,10 @@ def test_variant_own_files_skips_base_twins(tmp_path):
     (variant / "priors.json").write_text('{"alpha": 2}')
     (variant / "eval" / "new.json").write_text("{}")
     (variant / "committee" / ".x.pt.tmp-12").write_bytes(b"half")
+    (variant / "distilled" / "cvdd" / "png" / "cat").mkdir(parents=True)
+    (variant / "distilled" / "cvdd" / "png" / "cat" / "0000.png").write_bytes(b"picture")
+    (variant / "distilled" / "cvdd" / "images.pt").write_bytes(b"images")
 
     own = [p.relative_to(variant).as_posix() for p in variant_own_files(base, variant)]
 
-    assert own == ["eval/new.json", "priors.json"]
+    assert own == ["distilled/cvdd/images.pt", "eval/new.json", "priors.json"]
