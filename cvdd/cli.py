@@ -214,14 +214,15 @@ def cmd_own_files(args) -> int:
     from .sweep import variant_own_files
 
     root = Path(args.run_dir)
-    variants = sorted(p for p in root.glob("ablations/*/*") if p.is_dir())
     if not (root / "config.yaml").is_file():
         raise CvddError(f"{str(root)!r} is not a run folder: config.yaml not found; pass a run folder such as "
                         "runs/cifar10-cpu")
+    entries = sorted(root.glob("ablations/*/*"))
     # The combined metrics.json of each ablation sits beside its variant folders.
-    for path in sorted(p for p in root.glob("ablations/*/*") if p.is_file() and ".tmp-" not in p.name):
-        print(path.as_posix())
-    for variant in variants:
+    for path in entries:
+        if path.is_file() and ".tmp-" not in path.name:
+            print(path.as_posix())
+    for variant in (p for p in entries if p.is_dir()):
         for path in variant_own_files(root, variant):
             print(path.as_posix())
     return 0
