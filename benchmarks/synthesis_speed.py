@@ -76,17 +76,18 @@ def _time(step, device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-OPTIONS = {"default": {}, "channels_last": {"channels_last": True}, "bf16": {"precision": "bf16"},
-           "compile": {"compile": True}}
+# "default" has the fused BatchNorm statistics (synthesis.fused_bn, on by default). "separate"
+# is the same step with the statistics hook that runs used before that option existed.
+OPTIONS = {"default": {}, "separate": {"fused_bn": False}, "channels_last": {"channels_last": True},
+           "bf16": {"precision": "bf16"}, "compile": {"compile": True}}
 
 
 def measure(width: float, batch: int, size: int, iterations: int, rounds: int, options: list[str],
             device: str = "cpu", profile_rows: int = 0) -> dict:
     dataset = _dataset(batch, size)
-    models = {name: model.to(device) for name, model in _members(width, batch, size).items()}
-    # The floor gets its own copies: an Expert attaches BN statistics hooks to its model, and
-    # the floor must run without them.
-    bare = {name: copy.deepcopy(model) for name, model in models.items()}
+    # The floor runs these models without BN statistics hooks; every other step attaches its
+    # hooks to copies of them.
+    bare = {name: model.to(device) for name, model in _members(width, batch, size).items()}
     images = torch.randn(batch, 3, size, size).to(device)
     labels = torch.arange(batch).to(device)
     item = WorkItem(0, 0, list(range(batch)))
@@ -96,13 +97,16 @@ def measure(width: float, batch: int, size: int, iterations: int, rounds: int, o
         cfg = SynthesisConfig(ipc=1, iterations=iterations, **OPTIONS[option])
         # Experts persist across calls, as they do across the items of `cvdd distill`, so a
         # compiled expert is compiled once, in the warm-up call.
-        experts = [Expert(name, model, 50.0, True, channels_last=cfg.channels_last, compile=cfg.compile)
-                   for name, model in models.items()]
+        # Each option gets its own copies of the clean models: a fused expert replaces the
+        # forward of its model's BatchNorm layers for as long as it lives.
+        experts = [Expert(name, copy.deepcopy(model), 50.0, True, channels_last=cfg.channels_last,
+                          compile=cfg.compile, fused_bn=cfg.fused_bn)
+                   for name, model in bare.items()]
         return lambda: synthesize_item(item, experts, weights, dataset, cfg, images, device, 0, use_crop=True)
 
     def sre2l_step():
         cfg = SynthesisConfig(ipc=1, iterations=iterations)
-        expert = Expert(MEMBERS[0], models[MEMBERS[0]], 50.0, True)
+        expert = Expert(MEMBERS[0], copy.deepcopy(bare[MEMBERS[0]]), 50.0, True)
         return lambda: synthesize_item(item, [expert], torch.ones(1, device=device), dataset, cfg, images, device, 0,
                                        use_crop=True)
 

@@ -72,6 +72,54 @@ class _ChannelStatistics(torch.autograd.Function):
         return torch.addcmul(offset, slope, x)
 
 
+def _eval_scale(module: _BatchNorm) -> torch.Tensor:
+    """Per-channel factor by which an eval-mode BatchNorm multiplies its input."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    return (scale if module.weight is None else scale * module.weight).detach()
+
+
+class _StatisticsBatchNorm(torch.autograd.Function):
+    """Eval-mode BatchNorm that also returns the per-channel mean and variance of its input.
+
+    The output is the BatchNorm kernel's own. The statistics are reduced over the contiguous
+    last dimension first (a row sum and a row norm per sample and channel, then a sum over
+    the batch), which reads the input twice and makes no temporary x * x. The backward
+    returns the input gradient of all three outputs in three elementwise passes,
+    dx = scale * dy + slope * x + offset, where BatchNorm's own backward, the separate
+    statistics backward and autograd's sum of the two take four and cost more.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, weight, bias, running_mean, running_var, eps):
+        ctx.set_materialize_grads(False)
+        rows = x.view(x.shape[0], x.shape[1], -1)
+        count = rows.shape[0] * rows.shape[2]
+        mean = rows.sum(dim=2).sum(dim=0) / count
+        mean_square = torch.linalg.vector_norm(rows, dim=2).square().sum(dim=0) / count
+        var = (mean_square - mean * mean).clamp(min=0.0)
+        ctx.save_for_backward(x, scale, mean)
+        ctx.count = count
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, scale, mean = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        none = (None,) * 6
+        if grad_mean is None and grad_var is None:
+            return (None if grad_y is None else grad_y * scale.view(shape)), *none
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        offset = ((grad_mean - 2.0 * mean * grad_var) / ctx.count).view(shape)
+        slope = (2.0 * grad_var / ctx.count).view(shape)
+        if grad_y is None:
+            return torch.addcmul(offset, slope, x), *none
+        return (grad_y * scale.view(shape)).addcmul_(x, slope).add_(offset), *none
+
+
 class BNStatisticsHook:
     """Captures the input mean and variance of every BatchNorm layer on each forward pass.
 
@@ -79,22 +127,61 @@ class BNStatisticsHook:
     After a forward pass, `statistics[path]` is (mean, var) of that layer's input, both
     shape (C,) and differentiable with respect to the input. Use as a context manager or
     call :meth:`remove`.
+
+    With `fused=True` each layer's forward is replaced instead, until :meth:`remove`: in eval
+    mode on a contiguous float32 input it returns the statistics from the same call as its
+    output (`_StatisticsBatchNorm`), which costs less than a pre-hook, whose statistics and
+    their backward come on top of BatchNorm's own. Otherwise it falls back to the pre-hook's
+    arithmetic. The statistics then differ from the pre-hook's at float rounding. Deep-copy
+    the model before attaching a fused hook, not after: a copy would carry the replaced
+    forward, bound to the original layers.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str] | None = None):
+    def __init__(self, model: nn.Module, layers: list[str] | None = None, fused: bool = False):
         self.layers = batchnorm_layers(model)
         if layers is not None:
             self.layers = {name: self.layers[name] for name in layers}
         self.statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = [
-            module.register_forward_pre_hook(self._make_hook(name)) for name, module in self.layers.items()
-        ]
+        self.fused = fused
+        if fused:
+            self._handles = []
+            taken = [name for name, module in self.layers.items() if "forward" in module.__dict__]
+            if taken:
+                raise RuntimeError(f"BatchNorm layer {taken[0]!r} already has a fused statistics hook; "
+                                   "remove that hook first or attach this one to a copy of the model")
+            for name, module in self.layers.items():
+                module.forward = self._make_forward(name, module)
+        else:
+            self._handles = [
+                module.register_forward_pre_hook(self._make_hook(name)) for name, module in self.layers.items()
+            ]
 
     def _make_hook(self, name: str):
         def hook(module, inputs):
             self.statistics[name] = input_statistics(inputs[0])
 
         return hook
+
+    def _make_forward(self, name: str, module: _BatchNorm):
+        layer_forward = type(module).forward
+        cached = {}
+
+        def forward(x):
+            if (module.training or module.running_mean is None or x.dim() < 2 or x.dtype != torch.float32
+                    or not x.is_contiguous()):
+                self.statistics[name] = input_statistics(x)
+                return layer_forward(module, x)
+            # The scale is recomputed only when the running variance or the weight has changed
+            # (their version counters move on every in-place update, load_state_dict included).
+            versions = (module.running_var._version, None if module.weight is None else module.weight._version)
+            if cached.get("versions") != versions:
+                cached["versions"], cached["scale"] = versions, _eval_scale(module)
+            y, mean, var = _StatisticsBatchNorm.apply(x, cached["scale"], module.weight, module.bias,
+                                                      module.running_mean, module.running_var, module.eps)
+            self.statistics[name] = (mean, var)
+            return y
+
+        return forward
 
     def clear(self) -> None:
         # Empty the dict in place. torch.compile guards on its identity and emptiness, so a new
@@ -105,6 +192,10 @@ class BNStatisticsHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.fused:
+            for module in self.layers.values():
+                module.__dict__.pop("forward", None)
+            self.fused = False
 
     def __enter__(self):
         return self

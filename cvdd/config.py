@@ -14,7 +14,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -32,13 +32,17 @@ def _num(default, minimum=None, maximum=None, *, exclusive_min=False):
     return field(default=default, metadata=_range(minimum, maximum, exclusive_min=exclusive_min))
 
 
-# Fields added after runs were made carry this flag: at their default they are left out of
-# fingerprints, so the work a run finished before the field existed is still recognised.
+# Fields added after runs were made carry this flag. At their legacy value they are left out
+# of fingerprints, so the work a run finished before the field existed is still recognised.
+# The legacy value is what the code did back then: the default, unless `legacy` names another.
 ADDED_LATER = "added_later"
+LEGACY_VALUE = "legacy_value"
 
 
-def _later(default=None, minimum=None, maximum=None, *, factory=None, exclusive_min=False):
+def _later(default=None, minimum=None, maximum=None, *, factory=None, exclusive_min=False, legacy=MISSING):
     metadata = {**_range(minimum, maximum, exclusive_min=exclusive_min), ADDED_LATER: True}
+    if legacy is not MISSING:
+        metadata[LEGACY_VALUE] = legacy
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -172,6 +176,11 @@ class SynthesisConfig:
     channels_last: bool = _later(False)
     precision: Literal["fp32", "bf16"] = _later("fp32")
     compile: bool = _later(False)
+    # BatchNorm layers of the experts that return their input statistics from the same call,
+    # with one combined backward (cvdd.bn). false keeps the separate statistics hook, whose
+    # images differ at float rounding. Runs made before this option existed used that hook,
+    # so false is the value left out of fingerprints. Ignored with compile.
+    fused_bn: bool = _later(True, legacy=False)
 
 
 @dataclass
@@ -528,8 +537,13 @@ def hash_view(cfg) -> dict:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.metadata.get(ADDED_LATER):
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                if value == default:
+                if LEGACY_VALUE in f.metadata:
+                    legacy = f.metadata[LEGACY_VALUE]
+                elif f.default_factory is not dataclasses.MISSING:
+                    legacy = f.default_factory()
+                else:
+                    legacy = f.default
+                if value == legacy:
                     continue
             out[f.name] = view(value)
         return out

@@ -87,11 +87,13 @@ class Expert:
     """A frozen committee member with its BN hook and prior.
 
     With `channels_last` or `compile`, the expert works on its own copy of the model, so the
-    committee's models (which post-evaluation uses as teachers) keep their layout.
+    committee's models (which post-evaluation uses as teachers) keep their layout. With
+    `fused_bn` (not combined with `compile`), the BatchNorm layers return their input
+    statistics themselves until the hook is removed (see cvdd.bn.BNStatisticsHook).
     """
 
     def __init__(self, name: str, model: nn.Module, prior: float, needs_bn: bool,
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile: bool = False, fused_bn: bool = True):
         self.name = name
         if channels_last or compile:
             model = copy.deepcopy(model)
@@ -102,7 +104,7 @@ class Expert:
         self.channels_last = channels_last
         if needs_bn:
             require_batchnorm(model, name)
-        self.hook = BNStatisticsHook(model) if needs_bn else None
+        self.hook = BNStatisticsHook(model, fused=fused_bn and not compile) if needs_bn else None
         self.forward = torch.compile(model) if compile else model
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ def distill(
     try:
         for name in draws_from:
             experts_all[name] = Expert(name, committee[name], float(priors.get(name, 0.0)), needs_bn,
-                                       channels_last=cfg.channels_last, compile=cfg.compile)
+                                       channels_last=cfg.channels_last, compile=cfg.compile, fused_bn=cfg.fused_bn)
         # Under torchrun each rank optimises its share of the items (see cvdd.distributed).
         bar = tqdm(distributed.shard(items), desc=f"distill {method}", leave=False)
         for item in bar:

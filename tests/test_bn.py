@@ -175,6 +175,155 @@ def test_hook_statistics_are_differentiable():
     assert x.grad.abs().sum() > 0
 
 
+# --- BNStatisticsHook(fused=True) ----------------------------------------------------------------
+
+
+def recorded_inputs(model: nn.Module) -> tuple[dict, list]:
+    """Record each BatchNorm layer's input (with its graph) through plain forward pre-hooks."""
+    inputs = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+               for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    return inputs, handles
+
+
+def manual_eval_bn(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1, 1, 1)
+    normalised = (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+    return normalised * module.weight.view(shape) + module.bias.view(shape)
+
+
+def affine_tiny_model() -> nn.Sequential:
+    model = tiny_model().requires_grad_(False)
+    randomise_running_stats(model)
+    generator = torch.Generator().manual_seed(5)
+    for module in (model[1], model[4]):
+        module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+        module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return model
+
+
+def test_fused_hook_statistics_and_output_match_hand_computed():
+    model = affine_tiny_model()
+    x = torch.randn(6, 3, 8, 8)
+    inputs, handles = recorded_inputs(model)
+    outputs = {}
+    model[4].register_forward_hook(lambda m, args, out: outputs.__setitem__("4", out))
+
+    with torch.no_grad(), BNStatisticsHook(model, fused=True) as hook:
+        model(x)
+
+    for name in ("1", "4"):
+        mean, var = manual_statistics(inputs[name])
+        torch.testing.assert_close(hook.statistics[name][0], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hook.statistics[name][1], var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["4"], manual_eval_bn(model[4], inputs["4"]), rtol=1e-5, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("terms", ["output and statistics", "means only", "variances only", "output only"])
+def test_fused_hook_input_gradient_matches_autograd_of_hand_computed_loss(terms):
+    # Each case leaves a different set of the fused layer's three outputs without a gradient.
+    model = affine_tiny_model()
+    x0 = torch.randn(6, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+
+    def loss_from(stats, output):
+        if terms == "means only":
+            return sum(mean.square().sum() for mean, _ in stats.values())
+        if terms == "variances only":
+            return sum(var.sum() for _, var in stats.values())
+        ce = nn.functional.cross_entropy(output.mean(dim=(2, 3)), labels)
+        if terms == "output only":
+            return ce
+        gaps = [torch.sqrt(((stats[name][0] - model[int(name)].running_mean) ** 2).sum())
+                + torch.sqrt(((stats[name][1] - model[int(name)].running_var) ** 2).sum()) for name in ("1", "4")]
+        return ce + 0.1 * (10.0 * gaps[0] + gaps[1])
+
+    x_manual = x0.clone().requires_grad_(True)
+    inputs, handles = recorded_inputs(model)
+    output = model(x_manual)
+    for handle in handles:
+        handle.remove()
+    loss_from({name: manual_statistics(inputs[name]) for name in ("1", "4")}, output).backward()
+
+    x_fused = x0.clone().requires_grad_(True)
+    with BNStatisticsHook(model, fused=True) as hook:
+        output = model(x_fused)
+        loss_from(dict(hook.statistics), output).backward()
+
+    scale = x_manual.grad.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(x_fused.grad / scale, x_manual.grad / scale, rtol=0, atol=1e-5)
+
+
+def test_fused_hook_matches_bn_matching_loss_gradient_of_separate_hook():
+    model = create_model("resnet18", 10, 3, 16, 0.25).eval().requires_grad_(False)
+    randomise_running_stats(model)
+    x0 = torch.randn(8, 3, 16, 16)
+    grads, losses = {}, {}
+    for fused in (False, True):
+        x = x0.clone().requires_grad_(True)
+        with BNStatisticsHook(model, fused=fused) as hook:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, torch.arange(8)) + 0.01 * bn_matching_loss(hook)
+            loss.backward()
+        grads[fused], losses[fused] = x.grad, loss.detach()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=0)
+    scale = grads[False].abs().max()
+    torch.testing.assert_close(grads[True] / scale, grads[False] / scale, rtol=0, atol=1e-5)
+
+
+def test_fused_hook_recomputes_scale_after_running_statistics_change():
+    model = affine_tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    inputs, handles = recorded_inputs(model)
+    with torch.no_grad(), BNStatisticsHook(model, fused=True):
+        model(x)
+        model[1].running_var.mul_(4.0)
+        model[1].weight.add_(1.0)
+        out = model[1](inputs["1"])
+    torch.testing.assert_close(out, manual_eval_bn(model[1], inputs["1"]), rtol=1e-5, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+
+
+def test_fused_hook_in_train_mode_behaves_like_batchnorm():
+    model = affine_tiny_model()
+    reference = copy.deepcopy(model).train()
+    model.train()
+    x = torch.randn(4, 3, 8, 8)
+    inputs, handles = recorded_inputs(model)
+    with torch.no_grad(), BNStatisticsHook(model, fused=True) as hook:
+        out = model(x)
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    mean, var = manual_statistics(inputs["1"])
+    torch.testing.assert_close(hook.statistics["1"][1], var, rtol=1e-5, atol=1e-6)
+    for handle in handles:
+        handle.remove()
+
+
+def test_fused_hook_remove_restores_batchnorm_forward():
+    model = affine_tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    hook = BNStatisticsHook(model, fused=True)
+    assert "forward" in model[1].__dict__
+    with pytest.raises(RuntimeError, match="already has a fused statistics hook"):
+        BNStatisticsHook(model, fused=True)
+    hook.remove()
+
+    assert all("forward" not in module.__dict__ for module in model.modules())
+    assert_no_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert hook.statistics == {}
+
+
 # --- bn_matching_loss ---------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from cvdd.config import (
     config_to_dict,
     config_to_yaml,
     fingerprint,
+    hash_view,
     load_config,
 )
 from cvdd.errors import ConfigError
@@ -326,3 +327,14 @@ def test_fingerprint_changes_with_value(assignment):
 def test_fingerprint_changes_with_extra_part():
     cfg = load_config(DIGITS)
     assert fingerprint(cfg, "resnet18") != fingerprint(cfg, "resnet50")
+
+
+def test_fingerprint_leaves_out_fused_bn_false():
+    # fused_bn defaults to true, but runs made before it existed computed the statistics the
+    # separate way, so false is the value that keeps their fingerprints.
+    cfg = load_config(DIGITS)
+    assert cfg.synthesis.fused_bn is True
+    assert "fused_bn" in hash_view(cfg.synthesis)
+    separate = load_config(DIGITS, ["synthesis.fused_bn=false"])
+    assert "fused_bn" not in hash_view(separate.synthesis)
+    assert fingerprint(cfg) != fingerprint(separate)
