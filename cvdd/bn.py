@@ -39,6 +39,17 @@ def input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelStatistics.apply(x)
 
 
+def _statistics_gradient(mean, grad_mean, grad_var, count: int, shape: list[int]):
+    """Return (offset, slope) with which the input gradient of the mean and variance is offset + slope * x."""
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_var is None:
+        grad_var = torch.zeros_like(mean)
+    offset = ((grad_mean - 2.0 * mean * grad_var) / count).view(shape)
+    slope = (2.0 * grad_var / count).view(shape)
+    return offset, slope
+
+
 class _ChannelStatistics(torch.autograd.Function):
     """Mean and biased variance per channel, from the sums of x and x^2, with a one-pass backward.
 
@@ -61,14 +72,8 @@ class _ChannelStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
         x, mean = ctx.saved_tensors
-        count = ctx.count
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        offset = ((grad_mean - 2.0 * mean * grad_var) / count).view(shape)
-        slope = (2.0 * grad_var / count).view(shape)
+        offset, slope = _statistics_gradient(mean, grad_mean, grad_var, ctx.count, shape)
         return torch.addcmul(offset, slope, x)
 
 
@@ -109,12 +114,7 @@ class _StatisticsBatchNorm(torch.autograd.Function):
         none = (None,) * 6
         if grad_mean is None and grad_var is None:
             return (None if grad_y is None else grad_y * scale.view(shape)), *none
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
-        offset = ((grad_mean - 2.0 * mean * grad_var) / ctx.count).view(shape)
-        slope = (2.0 * grad_var / ctx.count).view(shape)
+        offset, slope = _statistics_gradient(mean, grad_mean, grad_var, ctx.count, shape)
         if grad_y is None:
             return torch.addcmul(offset, slope, x), *none
         return (grad_y * scale.view(shape)).addcmul_(x, slope).add_(offset), *none
@@ -145,9 +145,9 @@ class BNStatisticsHook:
         self.fused = fused
         if fused:
             self._handles = []
-            taken = [name for name, module in self.layers.items() if "forward" in module.__dict__]
-            if taken:
-                raise RuntimeError(f"BatchNorm layer {taken[0]!r} already has a fused statistics hook; "
+            hooked = [name for name, module in self.layers.items() if "forward" in module.__dict__]
+            if hooked:
+                raise RuntimeError(f"BatchNorm layer {hooked[0]!r} already has a fused statistics hook; "
                                    "remove that hook first or attach this one to a copy of the model")
             for name, module in self.layers.items():
                 module.forward = self._make_forward(name, module)

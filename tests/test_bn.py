@@ -222,7 +222,7 @@ def test_fused_hook_statistics_and_output_match_hand_computed():
 
 
 @pytest.mark.parametrize("terms", ["output and statistics", "means only", "variances only", "output only"])
-def test_fused_hook_input_gradient_matches_autograd_of_hand_computed_loss(terms):
+def test_fused_gradient_matches_hand_computed(terms):
     # Each case leaves a different set of the fused layer's three outputs without a gradient.
     model = affine_tiny_model()
     x0 = torch.randn(6, 3, 8, 8)
@@ -257,7 +257,7 @@ def test_fused_hook_input_gradient_matches_autograd_of_hand_computed_loss(terms)
     torch.testing.assert_close(x_fused.grad / scale, x_manual.grad / scale, rtol=0, atol=1e-5)
 
 
-def test_fused_hook_matches_bn_matching_loss_gradient_of_separate_hook():
+def test_fused_gradient_matches_separate_hook():
     model = create_model("resnet18", 10, 3, 16, 0.25).eval().requires_grad_(False)
     randomise_running_stats(model)
     x0 = torch.randn(8, 3, 16, 16)
