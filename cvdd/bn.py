@@ -78,7 +78,7 @@ class _ChannelStatistics(torch.autograd.Function):
 
 
 def _eval_scale(module: _BatchNorm) -> torch.Tensor:
-    """Per-channel factor by which an eval-mode BatchNorm multiplies its input."""
+    """Return the per-channel factor by which an eval-mode BatchNorm multiplies its input."""
     scale = torch.rsqrt(module.running_var + module.eps)
     return (scale if module.weight is None else scale * module.weight).detach()
 
