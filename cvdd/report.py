@@ -17,7 +17,9 @@ and the notebooks to execute, with per-notebook parameters:
 
 The notebooks run in a staging folder; only when all of them succeed are the executed
 notebooks, figures, metrics.json and results.md moved into the report folder, so a failed
-run leaves the previous report as it was. The stages themselves reuse finished work in the
+run leaves the previous report as it was. A failed run's executed notebooks go to
+<report>.failed/ for inspection; a staging folder left by a killed run is removed when the
+next run of the same report starts. The stages themselves reuse finished work in the
 run folder, so running a report again continues where a cut-short run stopped.
 """
 
@@ -136,6 +138,7 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
     root = project_root() or Path.cwd()
     out = project_path(reports_dir) / spec.folder
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
     staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -151,9 +154,13 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
                 kernel_name=kernel_name, progress_bar=False, log_output=False,
             )
         except PapermillExecutionError as exc:
+            failed = out.parent / f"{out.name}.failed"
+            if failed.exists():
+                shutil.rmtree(failed)
+            os.replace(staging, failed)
             raise CvddError(
                 f"notebook {notebook} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''}; "
-                f"its executed copy is {str(staging / (notebook + '.ipynb'))!r}; the report in {str(out)!r} is unchanged"
+                f"its executed copy is {str(failed / (notebook + '.ipynb'))!r}; the report in {str(out)!r} is unchanged"
             ) from None
         seconds[notebook] = time.perf_counter() - start
         log.info("report %s: %s executed in %.1f s", spec.name, notebook, seconds[notebook])
@@ -195,6 +202,25 @@ def _run_metrics(spec: Experiment) -> dict | None:
     run_dir = project_path(spec.run_dir) if spec.run_dir else project_path(cfg.resolved_run_dir())
     path = Path(run_dir) / spec.metrics_file
     return read_json(path) if path.is_file() else None
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders of `out` whose process no longer runs (a killed report run)."""
+    for staging in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = staging.name.rpartition(".tmp-")[2]
+        if staging.is_dir() and pid.isdigit() and not _process_runs(int(pid)):
+            log.info("removing %s, left by a report run that no longer runs", staging)
+            shutil.rmtree(staging)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into(staging: Path, out: Path) -> None:

@@ -276,8 +276,18 @@ def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
     """Also places the report in the folder that report_folder names, as the parts of a study do."""
     reports = tmp_path / "reports"
     folder = {"report_folder": "study/tiny"}
+    # A staging folder of a killed run is removed; one whose process still runs is kept.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    killed = reports / "study" / f"tiny.tmp-{ended.pid}"
+    running = reports / "study" / f"tiny.tmp-{os.getpid()}"
+    for staging in (killed, running):
+        (staging / "figures").mkdir(parents=True)
     good = _report_experiment(tmp_path / "tiny.yaml", tiny_run, ["01_committee"], TINY, **folder)
     assert _cvdd("report", str(good), "--reports-dir", str(reports), cwd=ROOT).returncode == 0
+    assert not killed.exists()
+    assert running.is_dir()
+    shutil.rmtree(running)
     assert (reports / "study" / "tiny" / "01_committee.ipynb").is_file()
     assert not (reports / "tiny").exists()
     assert "### study/tiny" in collect_reports(reports)
@@ -293,7 +303,9 @@ def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
     after = {p: p.read_bytes() for p in (reports / "study" / "tiny").rglob("*") if p.is_file()}
     assert after == before
     # The failed notebook's executed copy stays beside the report, for inspection.
-    assert [p.name for p in (reports / "study").glob("tiny.tmp-*/01_committee.ipynb")]
+    assert (reports / "study" / "tiny.failed" / "01_committee.ipynb").is_file()
+    assert str(reports / "study" / "tiny.failed" / "01_committee.ipynb") in error_lines[0]
+    assert not list((reports / "study").glob("tiny.tmp-*"))
 
 
 def test_unknown_experiment_is_a_one_line_error(tmp_path):
