@@ -18,7 +18,7 @@ and the notebooks to execute, with per-notebook parameters:
 The notebooks run in a staging folder; only when all of them succeed are the executed
 notebooks, figures, metrics.json and results.md moved into the report folder, so a failed
 run leaves the previous report as it was. A failed run's executed notebooks go to
-<report>.failed/ for inspection; a staging folder left by a killed run is removed when the
+<report>.failed/ for inspection. A staging folder left by a killed run is removed when the
 next run of the same report starts. The stages themselves reuse finished work in the
 run folder, so running a report again continues where a cut-short run stopped.
 """
@@ -208,18 +208,19 @@ def _remove_abandoned_staging(out: Path) -> None:
     """Remove the staging folders of `out` whose process no longer runs (a killed report run)."""
     for staging in out.parent.glob(f"{out.name}.tmp-*"):
         pid = staging.name.rpartition(".tmp-")[2]
-        if staging.is_dir() and pid.isdigit() and not _process_runs(int(pid)):
-            log.info("removing %s, left by a report run that no longer runs", staging)
+        if staging.is_dir() and pid.isdigit() and not _process_is_running(int(pid)):
+            log.info("removing %s, the staging folder of a report run that was killed", staging)
             shutil.rmtree(staging)
 
 
-def _process_runs(pid: int) -> bool:
+def _process_is_running(pid: int) -> bool:
+    """Return whether a process with this id exists (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # The process exists but belongs to another user.
     return True
 
 

@@ -276,7 +276,7 @@ def test_failed_report_leaves_the_previous_report_unchanged(tiny_run, tmp_path):
     """Also places the report in the folder that report_folder names, as the parts of a study do."""
     reports = tmp_path / "reports"
     folder = {"report_folder": "study/tiny"}
-    # A staging folder of a killed run is removed; one whose process still runs is kept.
+    # A killed run's staging folder is removed. One whose process still runs is kept.
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     killed = reports / "study" / f"tiny.tmp-{ended.pid}"
