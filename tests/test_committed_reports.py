@@ -29,8 +29,12 @@ def _results_rows(markdown: str) -> list[dict[str, str]]:
     """Read the rows of the '## Results' table of a results.md as {column: cell}."""
     section = markdown.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
     lines = [x for x in section.splitlines() if x.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    header = _cells(lines[0])
+    return [dict(zip(header, _cells(line))) for line in lines[2:]]
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip("|").split("|")]
 
 
 def test_there_are_committed_reports():
@@ -45,7 +49,7 @@ def test_results_table_matches_per_seed_top1(spec):
     by_key = {(r["method"], r["student"], r.get("variant", ""), r["label_mode"]): r for r in metrics["results"]}
     for row in rows:
         for column, mode in (("soft label", "soft"), ("hard label", "hard")):
-            # The setting cell is the variant's name, with its evaluation-only overrides after it.
+            # The setting cell is the variant's name, with its overrides in parentheses after it.
             variant = row.get("setting", "").split(" (")[0]
             result = by_key.get((row["method"], row["student"], variant, mode))
             if result is None:
@@ -60,7 +64,7 @@ def test_results_table_matches_per_seed_top1(spec):
 
 
 @pytest.mark.parametrize("spec", COMMITTED, ids=lambda s: s.name)
-def test_report_metrics_are_the_run_folder_metrics(spec):
+def test_report_metrics_match_run_folder(spec):
     from cvdd.config import load_config
 
     run_dir = ROOT / (spec.run_dir or load_config(ROOT / spec.config).resolved_run_dir())
