@@ -368,31 +368,41 @@ def _format_cell(row: dict, key: str, scale: float, signed: bool) -> str:
     return f"{scale * mean:{sign}.{digits}f} ± {scale * std:.{digits}f}"
 
 
+# Starts the line under a table that names the setting every row shares.
+SHARED_SETTING_LABEL = "Setting of every row"
+
+
 def format_fair_table(rows: Sequence[dict]) -> str:
     """Format rows from fair_rows as a markdown table with a short legend below it.
 
     Accuracies are in percent. IOR and HLR are signed percentage points (pp), alpha is a
     signed fraction in [-1, 1], and LRS is in percent. Each cell is mean ± sample std over
-    seeds, or "-" where the metric is missing. Ablation keys go into a "setting" column.
+    seeds, or "-" where the metric is missing. Ablation keys go into a "setting" column, or
+    into one line under the table when every row has the same ones.
     """
     extra_keys = sorted({k for row in rows for k in row
                          if k not in _SETTING_COLUMNS and k not in ("seeds", "alpha_weight")
                          and not k.endswith(("_mean", "_std"))})
-    headers = ["method", "student", "IPC"] + (["setting"] if extra_keys else [])
+    settings = [", ".join(f"{k}={row[k]}" for k in extra_keys if k in row) or "-" for row in rows]
+    # A setting that every row shares goes below the table once instead of into each row.
+    shared = settings[0] if extra_keys and len(rows) > 1 and len(set(settings)) == 1 else ""
+    with_setting = bool(extra_keys) and not shared
+    headers = ["method", "student", "IPC"] + (["setting"] if with_setting else [])
     headers += [header for header, *_ in _TABLE_COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
 
-    for row in rows:
+    for row, setting in zip(rows, settings):
         cells = [str(row.get("method", "-")), str(row.get("student", "-")), str(row.get("ipc", "-"))]
-        if extra_keys:
-            setting = ", ".join(f"{k}={row[k]}" for k in extra_keys if k in row)
-            cells.append(setting or "-")
+        if with_setting:
+            cells.append(setting)
         cells += [_format_cell(row, key, scale, signed) for _, key, scale, signed in _TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
 
     weights = sorted({row["alpha_weight"] for row in rows if row.get("alpha_weight") is not None})
     weight_text = ", ".join(f"{w:g}" for w in weights) or f"{DEFAULT_ALPHA_WEIGHT:g}"
     lines.append("")
+    if shared:
+        lines.append(f"{SHARED_SETTING_LABEL}: {shared}.")
     lines.append("IOR = syn top-1 - random top-1 under one protocol. HLR = real hard top-1 - syn hard top-1.")
     lines.append(f"alpha = w·IOR(soft) - (1 - w)·HLR with w = {weight_text}. LRS = (e^alpha - e^-1) / (e - e^-1).")
     lines.append("Cells are mean ± sample std (ddof=1) over seeds.")

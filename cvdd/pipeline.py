@@ -17,6 +17,7 @@ from . import distributed
 from .config import RunConfig, fingerprint, hash_view, without_label_store
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
+from .metrics import SHARED_SETTING_LABEL
 from .prior import load_or_compute_priors
 from .runs import RunFolder, ValidationFolder, atomic_write_json, peak_rss_bytes, read_json, stage
 from .synthesis import distill, random_subset
@@ -358,7 +359,10 @@ def format_results(metrics: dict) -> str:
     table: dict[tuple, dict] = {}
     for row in metrics["results"]:
         table.setdefault((row["method"], row["student"], _setting_text(row)), {})[row["label_mode"]] = row
-    with_setting = any(setting for _, _, setting in table)
+    settings = {setting for _, _, setting in table}
+    # A setting that every row shares goes below the table once instead of into each row.
+    shared = settings.pop() if len(settings) == 1 and len(table) > 1 else ""
+    with_setting = any(settings)
     if with_setting:
         lines += ["| method | student | setting | soft label | hard label |", "|---|---|---|---|---|"]
     else:
@@ -370,6 +374,9 @@ def format_results(metrics: dict) -> str:
             cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r else "-")
         middle = f" {setting} |" if with_setting else ""
         lines.append(f"| {method} | {student} |{middle} {cells[0]} | {cells[1]} |")
+    if shared:
+        # The blank line ends the markdown table; a text line right after it would be read as a row.
+        lines += ["", f"{SHARED_SETTING_LABEL}: {shared}."]
     if metrics.get("priors"):
         lines.append("priors (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["priors"].items()))
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cvdd.metrics import SHARED_SETTING_LABEL
 from cvdd.report import list_experiments, load_experiment, rewrite_results, study_parts, write_study_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +27,21 @@ COMMITTED = _committed_reports()
 
 
 def _results_rows(markdown: str) -> list[dict[str, str]]:
-    """Read the rows of the '## Results' table of a results.md as {column: cell}."""
+    """Read the rows of the '## Results' table of a results.md as {column: cell}.
+
+    A setting that every row shares is written once under the table; it fills each row's
+    setting cell here.
+    """
     section = markdown.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
     lines = [x for x in section.splitlines() if x.startswith("|")]
     header = _cells(lines[0])
-    return [dict(zip(header, _cells(line))) for line in lines[2:]]
+    rows = [dict(zip(header, _cells(line))) for line in lines[2:]]
+    shared = [x for x in section.splitlines() if x.startswith(SHARED_SETTING_LABEL + ": ")]
+    if shared:
+        assert "setting" not in header
+        setting = shared[0].removeprefix(SHARED_SETTING_LABEL + ": ").removesuffix(".")
+        rows = [{**row, "setting": setting} for row in rows]
+    return rows
 
 
 def _cells(line: str) -> list[str]:

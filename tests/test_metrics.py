@@ -526,6 +526,19 @@ def test_format_fair_table_missing_metrics():
     assert cells["real hard (%)"] == "-"
 
 
+def test_format_fair_table_shared_setting_line():
+    rows = [result_row(method, "soft", per_seed, temperature=5) for method, per_seed in
+            (("random", [0.40, 0.42, 0.44]), ("sre2l++", [0.30, 0.31, 0.32]), ("cvdd", [0.50, 0.51, 0.52]))]
+    lines = format_fair_table(fair_rows(metrics_json(*rows))).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert "setting" not in header
+    cells = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:4]]
+    assert [c["method"] for c in cells] == ["sre2l++", "cvdd"]
+    # cvdd against random per seed: 0.10, 0.09, 0.08, so IOR is 9.00 pp with std 1.00.
+    assert (cells[1]["soft top-1 (%)"], cells[1]["IOR soft (pp)"]) == ("51.00 ± 1.00", "+9.00 ± 1.00")
+    assert lines[4:6] == ["", "Setting of every row: temperature=5."]
+
+
 def test_format_fair_table_setting_column():
     rows = standard_rows() + [result_row("cvdd", "soft", [0.70, 0.71, 0.72], temperature=5)]
     lines = format_fair_table(fair_rows(metrics_json(*rows))).splitlines()

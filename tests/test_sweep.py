@@ -30,6 +30,15 @@ def test_format_results_keeps_variants_apart_when_their_setting_is_a_row_key():
     assert "| cvdd | resnet18 | ipc10 | 50.00 ± 1.00 | - |" in text
 
 
+def test_format_results_shared_setting_line():
+    rows = [_row("cvdd", "soft", 0.5, variant="students", students=["convnet"]),
+            _row("random", "soft", 0.6, variant="students", students=["convnet"])]
+    lines = format_results({"dataset": "digits", "ipc": 10, "results": rows}).splitlines()
+    assert lines[1:] == ["| method | student | soft label | hard label |", "|---|---|---|---|",
+                         "| cvdd | resnet18 | 50.00 ± 1.00 | - |", "| random | resnet18 | 60.00 ± 1.00 | - |",
+                         "", "Setting of every row: students (students=['convnet'])."]
+
+
 def test_format_results_plain_rows_have_no_setting_column():
     text = format_results({"dataset": "digits", "ipc": 10, "results": [_row("cvdd", "hard", 0.25)]})
     assert "| method | student | soft label | hard label |" in text
