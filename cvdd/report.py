@@ -12,7 +12,7 @@ and the notebooks to execute, with per-notebook parameters:
     parameters: {03_synthesis: {ipc: 2}}
     paper_priors: {}          # optional: the paper's Table 15 column, shown next to the priors
     metrics_file: metrics.json  # optional: which metrics.json of the run folder the report copies
-    paper_results: {}         # optional: {variant or "main": {method: the paper's top-1 in %}}
+    paper_results: {}         # optional: {variant or "main": {method: the paper's top-1 in %, or {student: %}}}
     paper_source: ""          # optional: where paper_results come from (table, dataset, scale)
 
 The notebooks run in a staging folder; only when all of them succeed are the executed
@@ -60,8 +60,9 @@ class Experiment:
     paper_note: str = ""
     # The metrics.json the report copies, relative to the run folder (ablations write their own).
     metrics_file: str = "metrics.json"
-    # The paper's top-1 (%) for the same rows: {variant: {method: value}}; "main" names a run without variants.
-    paper_results: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The paper's top-1 (%) for the same rows: {variant: {method: value or {student: value}}}; "main"
+    # names a run without variants.
+    paper_results: dict[str, dict[str, float | dict[str, float]]] = field(default_factory=dict)
     paper_source: str = ""
     # The report's folder under reports/, when not the experiment's name (parts of one study
     # share a parent: fidelity-cifar10/table1).
@@ -297,17 +298,26 @@ def _seeds(metrics: dict) -> str:
 
 
 def _paper_section(spec: Experiment, metrics: dict) -> list[str]:
-    """List our soft-label top-1 next to the paper's (Cui et al.) for the rows the experiment file names."""
+    """List our soft-label top-1 next to the paper's (Cui et al.) for the rows the experiment file names.
+
+    A method's paper value is one number, or {student: number} for a part that trains several
+    student architectures; the table then gains a student column.
+    """
     if not spec.paper_results:
         return []
+    per_student = any(isinstance(value, dict) for methods in spec.paper_results.values() for value in methods.values())
+    header = "| variant | method | " + ("student | " if per_student else "")
     lines = ["## Beside the paper", "", spec.paper_source.strip(), "",
-             "| variant | method | here: soft top-1 (%) | paper: top-1 (%) |", "|---|---|---|---|"]
+             header + "here: soft top-1 (%) | paper: top-1 (%) |", "|---|---|---|---|" + ("---|" if per_student else "")]
     for variant, methods in spec.paper_results.items():
         for method, value in methods.items():
-            found = [r for r in metrics.get("results", []) if r["method"] == method and r["label_mode"] == "soft"
-                     and r.get("variant", "main") == variant]
-            here = f"{100 * found[0]['top1_mean']:.2f} ± {100 * found[0]['top1_std']:.2f}" if found else "not run"
-            lines.append(f"| {variant} | {method} | {here} | {value:.1f} |")
+            by_student = value if isinstance(value, dict) else {None: value}
+            for student, paper_value in by_student.items():
+                found = [r for r in metrics.get("results", []) if r["method"] == method and r["label_mode"] == "soft"
+                         and r.get("variant", "main") == variant and student in (None, r["student"])]
+                here = f"{100 * found[0]['top1_mean']:.2f} ± {100 * found[0]['top1_std']:.2f}" if found else "not run"
+                student_cell = f"{student or '-'} | " if per_student else ""
+                lines.append(f"| {variant} | {method} | {student_cell}{here} | {paper_value:.1f} |")
     return lines + [""]
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cvdd.errors import ConfigError
-from cvdd.report import study_parts, write_study_index
+from cvdd.report import Experiment, _paper_section, study_parts, write_study_index
 
 PART_RESULTS = """# Report `fidelity-cifar10-table1`
 
@@ -92,3 +92,36 @@ def test_study_index_paper_priors_first(tmp_path):
     assert text.count("Prior performance (Algorithm 1)") == 1
     assert text.index("| resnet18 | 34.65 | 75.41 |") < text.index("## Part `fidelity-cifar10-bssl`")
     assert "| resnet18 | 34.65 |\n" not in text
+
+
+def _soft_row(method, student, per_seed):
+    return {"method": method, "student": student, "variant": "students", "label_mode": "soft",
+            "top1_mean": sum(per_seed) / len(per_seed), "top1_std": 0.01, "top1_per_seed": per_seed}
+
+
+def test_paper_table_per_student():
+    spec = Experiment(name="crossarch", config="configs/cifar10-cpu.yaml", notebooks=[],
+                      paper_source="Paper Table 6.",
+                      paper_results={"students": {"cvdd": {"resnet18": 49.5, "densenet121": 54.7}}})
+    metrics = {"results": [_soft_row("cvdd", "densenet121", [0.42, 0.44]), _soft_row("cvdd", "resnet18", [0.40, 0.41])]}
+
+    lines = _paper_section(spec, metrics)
+
+    assert lines[4:] == ["| variant | method | student | here: soft top-1 (%) | paper: top-1 (%) |",
+                         "|---|---|---|---|---|",
+                         "| students | cvdd | resnet18 | 40.50 ± 1.00 | 49.5 |",
+                         "| students | cvdd | densenet121 | 43.00 ± 1.00 | 54.7 |",
+                         ""]
+
+
+def test_paper_table_one_value_per_method():
+    spec = Experiment(name="table1", config="configs/cifar10-cpu.yaml", notebooks=[],
+                      paper_source="Paper Table 1.", paper_results={"students": {"cvdd": 54.7}})
+    metrics = {"results": [_soft_row("cvdd", "resnet18", [0.40, 0.41])]}
+
+    lines = _paper_section(spec, metrics)
+
+    assert lines[4:] == ["| variant | method | here: soft top-1 (%) | paper: top-1 (%) |",
+                         "|---|---|---|---|",
+                         "| students | cvdd | 40.50 ± 1.00 | 54.7 |",
+                         ""]
