@@ -341,12 +341,19 @@ def _priors_section(spec: Experiment, metrics: dict) -> list[str]:
     if not priors:
         return []
     lines = ["## Prior performance (Algorithm 1)", ""]
-    if spec.paper_priors:
-        lines += ["| member | alpha here (%) | paper Table 15 (%) |", "|---|---|---|"]
-        lines += [f"| {m} | {a:.2f} | {spec.paper_priors.get(m, float('nan')):.2f} |" for m, a in priors.items()]
+    # Variants that change a member (an overfitted copy, say) have their own priors: one column each.
+    variant_priors = list((metrics.get("variant_priors") or {}).items())
+    if any(values != variant_priors[0][1] for _, values in variant_priors[1:]):
+        columns = {f"alpha {name} (%)": values for name, values in variant_priors}
     else:
-        lines += ["| member | alpha (%) |", "|---|---|"]
-        lines += [f"| {m} | {a:.2f} |" for m, a in priors.items()]
+        columns = {"alpha here (%)" if spec.paper_priors else "alpha (%)": priors}
+    members = list(dict.fromkeys(m for values in columns.values() for m in values))
+    if spec.paper_priors:
+        columns["paper Table 15 (%)"] = spec.paper_priors
+    lines += ["| member | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for member in members:
+        cells = [f"{values[member]:.2f}" if member in values else "-" for values in columns.values()]
+        lines.append(f"| {member} | " + " | ".join(cells) + " |")
     if spec.paper_note:
         lines += ["", spec.paper_note.strip()]
     return lines + [""]

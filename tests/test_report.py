@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cvdd.errors import ConfigError
-from cvdd.report import Experiment, _paper_section, study_parts, write_study_index
+from cvdd.report import Experiment, _paper_section, _priors_section, study_parts, write_study_index
 
 PART_RESULTS = """# Report `fidelity-cifar10-table1`
 
@@ -125,3 +125,26 @@ def test_paper_table_one_value_per_method():
                          "|---|---|---|---|",
                          "| students | cvdd | 40.50 ± 1.00 | 54.7 |",
                          ""]
+
+
+def test_priors_table_per_variant():
+    spec = Experiment(name="overfit", config="configs/cifar10-cpu.yaml", notebooks=[])
+    base = {"resnet18": 35.82, "shufflenet_v2": 39.65}
+    metrics = {"priors": base, "variant_priors": {"base": base, "overfit": {"resnet18": 35.82, "shufflenet_v2": 30.51}}}
+
+    lines = _priors_section(spec, metrics)
+
+    assert lines[2:6] == ["| member | alpha base (%) | alpha overfit (%) |", "|---|---|---|",
+                          "| resnet18 | 35.82 | 35.82 |", "| shufflenet_v2 | 39.65 | 30.51 |"]
+
+
+def test_priors_table_shared_by_variants():
+    spec = Experiment(name="temperature", config="configs/cifar10-cpu.yaml", notebooks=[],
+                      paper_priors={"resnet18": 75.41})
+    priors = {"resnet18": 35.82}
+    metrics = {"priors": priors, "variant_priors": {"T1": priors, "T5": dict(priors)}}
+
+    lines = _priors_section(spec, metrics)
+
+    assert lines[2:5] == ["| member | alpha here (%) | paper Table 15 (%) |", "|---|---|---|",
+                          "| resnet18 | 35.82 | 75.41 |"]
