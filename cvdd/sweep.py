@@ -2,8 +2,9 @@
 
 Each variant is a set of config overrides, for example {"synthesis.temperature": 1}. An
 ablation named A runs each variant V in its own run folder, <run>/ablations/A/V/, which
-starts from the base run's committee checkpoints and priors.json. The stages reuse them when
-the variant did not change what they were made with, and recompute them otherwise. The
+starts from the base run's committee checkpoints and priors.json, and from the files of any
+earlier variant whose overrides are all among V's. The stages reuse them when the variant
+did not change what they were made with, and recompute them otherwise. The
 combined rows go to <run>/ablations/A/metrics.json, so the base run's own results stay.
 The rows of every variant carry the varied settings as keys ("temperature": 1,
 "voter": "equal", "committee": [...]), as metrics.json's ablation rows do.
@@ -11,11 +12,12 @@ The rows of every variant carry the varied settings as keys ("temperature": 1,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .config import apply_override, config_from_dict, config_to_dict, config_to_yaml
 from .errors import ConfigError
@@ -55,12 +57,17 @@ def _check_folder_name(kind: str, name: str) -> None:
         raise ConfigError(f"{kind} name {name!r} is not a plain folder name; use letters, digits and dashes")
 
 
-def _share_finished_work(base: RunFolder, variant: RunFolder) -> None:
-    """Link the base run's checkpoints, priors, distilled items and results into a variant.
+def _share_finished_work(base: RunFolder, variant: RunFolder, earlier: Sequence[RunFolder] = ()) -> None:
+    """Link finished checkpoints, priors, distilled items and results into a variant.
 
-    Each stage checks the fingerprint of what it finds, so the variant reuses exactly what
-    its settings did not change (a variant without overrides reuses everything).
+    The own files of each `earlier` variant come first, then the base run's files where the
+    variant still has none. Each stage checks the fingerprint of what it finds, so the
+    variant reuses exactly what its settings did not change (a variant without overrides
+    reuses everything) and recomputes whatever a link got wrong.
     """
+    for other in earlier:
+        for path in variant_own_files(base.root, other.root):
+            _share(path, variant.root / path.relative_to(other.root))
     _share(base.priors_path, variant.priors_path)
     for folder in ("committee", "prior", "distilled", "eval"):
         for path in sorted((base.root / folder).rglob("*")):
@@ -93,6 +100,22 @@ def variant_own_files(base_root: str | Path, variant_root: str | Path) -> list[P
         if not (twin.is_file() and filecmp.cmp(path, twin, shallow=False)):
             own.append(path)
     return own
+
+
+def _contained_variants(name: str, variants: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """Name the variants before `name` whose overrides are all among its own, most overrides first
+    (ties in the order of `variants`).
+
+    Such a variant made files that `name` can reuse and the base run cannot give it: a member
+    retrained with the same recipe, say, when `name` also changes the voter.
+    """
+    def assignments(overrides: Mapping[str, object]) -> set[str]:
+        return {f"{key}={json.dumps(value, sort_keys=True)}" for key, value in overrides.items()}
+
+    own = assignments(variants[name])
+    earlier = list(variants)[:list(variants).index(name)]
+    contained = [other for other in earlier if variants[other] and assignments(variants[other]) <= own]
+    return sorted(contained, key=lambda other: -len(variants[other]))
 
 
 def ablation_folder(base: Session, ablation: str) -> Path:
@@ -142,7 +165,7 @@ def run_variants(base: Session, ablation: str, variants: Mapping[str, Mapping[st
     rows, stage_seconds, priors, real_hard = [], {}, {}, {}
     for name, session in tqdm(sessions.items(), desc="variants", unit="variant"):
         session.run.create()
-        _share_finished_work(base.run, session.run)
+        _share_finished_work(base.run, session.run, [sessions[other].run for other in _contained_variants(name, variants)])
         atomic_write_text(session.run.config_path, config_to_yaml(session.cfg))
         log.info("variant %s: %s", name, dict(variants[name]))
         metrics = run_pipeline(session.cfg, session.dataset, session.run, session.device)

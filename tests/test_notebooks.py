@@ -153,6 +153,27 @@ def test_ablation_rows_carry_the_setting_and_share_the_committee(tiny_run, tmp_p
         assert found == pytest.approx([e / sum(expected) for e in expected], abs=1e-6)
 
 
+def test_variant_reuses_contained_variant_member(tiny_run):
+    """A variant that adds an override to another one links that variant's retrained members."""
+    from cvdd.session import open_run
+    from cvdd.sweep import run_variants
+
+    session = open_run("configs/digits.yaml", TINY, run_dir=tiny_run["run_dir"])
+    retrain = {"committee.train": {"resnet18": {"augment": False, "epochs": 1}}}
+    variants = {"copy": retrain, "copy-equal": {**retrain, "synthesis.voter": "equal"}}
+    metrics = run_variants(session, "contained", variants, {"methods": ["cvdd"], "evaluate.seeds": [0]})
+
+    folder = tiny_run["run_dir"] / "ablations" / "contained"
+    base = (tiny_run["run_dir"] / "committee" / "resnet18.pt").stat()
+    copy = (folder / "copy" / "committee" / "resnet18.pt").stat()
+    copy_equal = (folder / "copy-equal" / "committee" / "resnet18.pt").stat()
+    assert copy.st_ino != base.st_ino
+    assert copy_equal.st_ino == copy.st_ino
+    assert metrics["variant_stage_seconds"]["copy-equal"]["committee"] < 1.0
+    assert metrics["variant_priors"]["copy-equal"] == metrics["variant_priors"]["copy"]
+    assert {r["variant"] for r in metrics["results"]} == {"copy", "copy-equal"}
+
+
 def _printed_weights(nb) -> dict[str, float]:
     weights = {}
     for line in text_outputs(nb).splitlines():

@@ -69,3 +69,24 @@ def test_variant_own_files_skips_base_twins(tmp_path):
     own = [p.relative_to(variant).as_posix() for p in variant_own_files(base, variant)]
 
     assert own == ["distilled/cvdd/images.pt", "eval/new.json", "priors.json"]
+
+
+def test_contained_variants_only_earlier_subsets():
+    from cvdd.sweep import _contained_variants
+
+    copy = {"committee.train": {"shufflenet_v2": {"augment": False, "epochs": 15}}}
+    variants = {
+        "base": {},
+        "equal": {"synthesis.voter": "equal"},
+        "copy": copy,
+        # The same nested override, its keys in another order.
+        "copy-equal": {"committee.train": {"shufflenet_v2": {"epochs": 15, "augment": False}},
+                       "synthesis.voter": "equal"},
+        "copy-T1": {**copy, "synthesis.temperature": 1},
+    }
+
+    # Equal numbers of overrides keep the order of the experiment file.
+    assert _contained_variants("copy-equal", variants) == ["equal", "copy"]
+    assert _contained_variants("copy-T1", variants) == ["copy"]
+    assert _contained_variants("copy", variants) == []
+    assert _contained_variants("base", variants) == []
