@@ -87,13 +87,19 @@ def list_experiments() -> list[str]:
     return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
 
 
+def list_studies() -> list[str]:
+    """Names of the studies: the parent folders of the experiments' report_folder values."""
+    return sorted({spec.folder.split("/")[0] for spec in map(load_experiment, list_experiments()) if "/" in spec.folder})
+
+
 def load_experiment(name: str | Path) -> Experiment:
     """Read and check an experiment file, by name (configs/experiments/NAME.yaml) or by path."""
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = experiments_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"experiment {str(name)!r} not found; choose one of {list_experiments()} or pass a YAML path")
+        raise ConfigError(f"experiment {str(name)!r} not found; choose one of {list_experiments()}, "
+                          f"a study of parts {list_studies()}, or pass a YAML path")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -132,10 +138,13 @@ def run_report(name: str | Path, reports_dir: str | Path = "reports", kernel_nam
     Returns the report folder. A failing notebook raises CvddError naming the notebook, the
     cell and the error; its executed copy stays in the staging folder for inspection.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     spec = load_experiment(name)
+    try:
+        import papermill
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError:
+        raise CvddError("papermill is not installed in this environment; run `make install-dev` for the "
+                        "notebook extras, or use `make report EXPERIMENT=NAME`, which installs them") from None
     root = project_root() or Path.cwd()
     out = project_path(reports_dir) / spec.folder
     out.parent.mkdir(parents=True, exist_ok=True)

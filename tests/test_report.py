@@ -148,3 +148,34 @@ def test_priors_table_shared_by_variants():
 
     assert lines[2:5] == ["| member | alpha here (%) | paper Table 15 (%) |", "|---|---|---|",
                           "| resnet18 | 35.82 | 75.41 |"]
+
+
+def test_unknown_experiment_names_studies_too():
+    from cvdd.report import load_experiment
+
+    with pytest.raises(ConfigError, match=r"a study of parts \['fidelity-cifar10'\]"):
+        load_experiment("nosuch")
+
+
+def test_report_without_papermill(monkeypatch, tmp_path):
+    import sys
+
+    from cvdd.errors import CvddError
+    from cvdd.report import run_report
+
+    # A None entry makes `import papermill` raise ImportError, as in an install without the dev extras.
+    monkeypatch.setitem(sys.modules, "papermill", None)
+    with pytest.raises(CvddError, match="papermill is not installed") as caught:
+        run_report("digits", reports_dir=tmp_path)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_name_before_papermill(monkeypatch, tmp_path):
+    import sys
+
+    from cvdd.report import run_report
+
+    monkeypatch.setitem(sys.modules, "papermill", None)
+    with pytest.raises(ConfigError, match="experiment 'nosuch' not found"):
+        run_report("nosuch", reports_dir=tmp_path)
