@@ -368,8 +368,21 @@ def _format_cell(row: dict, key: str, scale: float, signed: bool) -> str:
     return f"{scale * mean:{sign}.{digits}f} ± {scale * std:.{digits}f}"
 
 
-# Starts the line under a table that names the setting every row shares.
+# Label that starts the line under a table naming the setting every row shares.
 SHARED_SETTING_LABEL = "Setting of every row"
+
+
+def shared_setting(settings: Sequence[str]) -> str:
+    """Return the setting cell of every row when there are several rows and all cells match, else "".
+
+    Such a setting goes on one line under the table (shared_setting_line) instead of into each row.
+    """
+    return settings[0] if len(settings) > 1 and len(set(settings)) == 1 else ""
+
+
+def shared_setting_line(setting: str) -> str:
+    """Format the line under a table that names the setting every row shares."""
+    return f"{SHARED_SETTING_LABEL}: {setting}."
 
 
 def format_fair_table(rows: Sequence[dict]) -> str:
@@ -384,8 +397,7 @@ def format_fair_table(rows: Sequence[dict]) -> str:
                          if k not in _SETTING_COLUMNS and k not in ("seeds", "alpha_weight")
                          and not k.endswith(("_mean", "_std"))})
     settings = [", ".join(f"{k}={row[k]}" for k in extra_keys if k in row) or "-" for row in rows]
-    # A setting that every row shares goes below the table once instead of into each row.
-    shared = settings[0] if extra_keys and len(rows) > 1 and len(set(settings)) == 1 else ""
+    shared = shared_setting(settings) if extra_keys else ""
     with_setting = bool(extra_keys) and not shared
     headers = ["method", "student", "IPC"] + (["setting"] if with_setting else [])
     headers += [header for header, *_ in _TABLE_COLUMNS]
@@ -402,7 +414,7 @@ def format_fair_table(rows: Sequence[dict]) -> str:
     weight_text = ", ".join(f"{w:g}" for w in weights) or f"{DEFAULT_ALPHA_WEIGHT:g}"
     lines.append("")
     if shared:
-        lines.append(f"{SHARED_SETTING_LABEL}: {shared}.")
+        lines.append(shared_setting_line(shared))
     lines.append("IOR = syn top-1 - random top-1 under one protocol. HLR = real hard top-1 - syn hard top-1.")
     lines.append(f"alpha = w·IOR(soft) - (1 - w)·HLR with w = {weight_text}. LRS = (e^alpha - e^-1) / (e - e^-1).")
     lines.append("Cells are mean ± sample std (ddof=1) over seeds.")

@@ -17,7 +17,7 @@ from . import distributed
 from .config import RunConfig, fingerprint, hash_view, without_label_store
 from .data import ImageDataset, SubsetSplit, stratified_split
 from .evaluate import Committee, check_class_names, train_student
-from .metrics import SHARED_SETTING_LABEL
+from .metrics import shared_setting, shared_setting_line
 from .prior import load_or_compute_priors
 from .runs import RunFolder, ValidationFolder, atomic_write_json, peak_rss_bytes, read_json, stage
 from .synthesis import distill, random_subset
@@ -359,10 +359,9 @@ def format_results(metrics: dict) -> str:
     table: dict[tuple, dict] = {}
     for row in metrics["results"]:
         table.setdefault((row["method"], row["student"], _setting_text(row)), {})[row["label_mode"]] = row
-    settings = {setting for _, _, setting in table}
-    # A setting that every row shares goes below the table once instead of into each row.
-    shared = settings.pop() if len(settings) == 1 and len(table) > 1 else ""
-    with_setting = any(settings)
+    settings = [setting for _, _, setting in table]
+    shared = shared_setting(settings)
+    with_setting = any(settings) and not shared
     if with_setting:
         lines += ["| method | student | setting | soft label | hard label |", "|---|---|---|---|---|"]
     else:
@@ -375,8 +374,8 @@ def format_results(metrics: dict) -> str:
         middle = f" {setting} |" if with_setting else ""
         lines.append(f"| {method} | {student} |{middle} {cells[0]} | {cells[1]} |")
     if shared:
-        # The blank line ends the markdown table; a text line right after it would be read as a row.
-        lines += ["", f"{SHARED_SETTING_LABEL}: {shared}."]
+        # The blank line ends the markdown table, because a text line right after it would be read as a row.
+        lines += ["", shared_setting_line(shared)]
     if metrics.get("priors"):
         lines.append("priors (%): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["priors"].items()))
     return "\n".join(lines)

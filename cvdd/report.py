@@ -60,8 +60,8 @@ class Experiment:
     paper_note: str = ""
     # The metrics.json the report copies, relative to the run folder (ablations write their own).
     metrics_file: str = "metrics.json"
-    # The paper's top-1 (%) for the same rows: {variant: {method: value or {student: value}}}; "main"
-    # names a run without variants.
+    # The paper's top-1 (%) for the same rows: {variant: {method: value or {student: value}}}.
+    # The variant "main" names a run without variants.
     paper_results: dict[str, dict[str, float | dict[str, float]]] = field(default_factory=dict)
     paper_source: str = ""
     # The report's folder under reports/, when not the experiment's name (parts of one study
@@ -88,7 +88,7 @@ def list_experiments() -> list[str]:
 
 
 def list_studies() -> list[str]:
-    """Names of the studies: the parent folders of the experiments' report_folder values."""
+    """List the studies: the parent folders that the experiments' report_folder values share."""
     return sorted({spec.folder.split("/")[0] for spec in map(load_experiment, list_experiments()) if "/" in spec.folder})
 
 
@@ -310,7 +310,7 @@ def _paper_section(spec: Experiment, metrics: dict) -> list[str]:
     """List our soft-label top-1 next to the paper's (Cui et al.) for the rows the experiment file names.
 
     A method's paper value is one number, or {student: number} for a part that trains several
-    student architectures; the table then gains a student column.
+    student architectures. Then the table gains a student column.
     """
     if not spec.paper_results:
         return []
@@ -324,9 +324,9 @@ def _paper_section(spec: Experiment, metrics: dict) -> list[str]:
             for student, paper_value in by_student.items():
                 found = [r for r in metrics.get("results", []) if r["method"] == method and r["label_mode"] == "soft"
                          and r.get("variant", "main") == variant and student in (None, r["student"])]
-                here = f"{100 * found[0]['top1_mean']:.2f} ± {100 * found[0]['top1_std']:.2f}" if found else "not run"
+                measured = f"{100 * found[0]['top1_mean']:.2f} ± {100 * found[0]['top1_std']:.2f}" if found else "not run"
                 student_cell = f"{student or '-'} | " if per_student else ""
-                lines.append(f"| {variant} | {method} | {student_cell}{here} | {paper_value:.1f} |")
+                lines.append(f"| {variant} | {method} | {student_cell}{measured} | {paper_value:.1f} |")
     return lines + [""]
 
 
@@ -350,7 +350,7 @@ def _priors_section(spec: Experiment, metrics: dict) -> list[str]:
     if not priors:
         return []
     lines = ["## Prior performance (Algorithm 1)", ""]
-    # Variants that change a member (an overfitted copy, say) have their own priors: one column each.
+    # Variants that change a member (an overfitted copy, say) have their own priors, so each gets a column.
     variant_priors = list((metrics.get("variant_priors") or {}).items())
     if any(values != variant_priors[0][1] for _, values in variant_priors[1:]):
         columns = {f"alpha {name} (%)": values for name, values in variant_priors}

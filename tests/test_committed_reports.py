@@ -29,8 +29,8 @@ COMMITTED = _committed_reports()
 def _results_rows(markdown: str) -> list[dict[str, str]]:
     """Read the rows of the '## Results' table of a results.md as {column: cell}.
 
-    A setting that every row shares is written once under the table; it fills each row's
-    setting cell here.
+    A setting that every row shares is written once under the table. Here it fills each
+    row's setting cell.
     """
     section = markdown.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
     lines = [x for x in section.splitlines() if x.startswith("|")]

@@ -169,7 +169,13 @@ def test_variant_reuses_contained_variant_member(tiny_run):
     copy_equal = (folder / "copy-equal" / "committee" / "resnet18.pt").stat()
     assert copy.st_ino != base.st_ino
     assert copy_equal.st_ino == copy.st_ino
-    assert metrics["variant_stage_seconds"]["copy-equal"]["committee"] < 1.0
+    # The lines of the base run's log after "variant copy-equal:" are that variant's. Its linked
+    # checkpoint matched the config, so resnet18 was not trained again.
+    log = (tiny_run["run_dir"] / "run.log").read_text().rpartition("variant copy-equal:")[2]
+    resnet18_lines = [line for line in log.splitlines() if "member resnet18: checkpoint" in line]
+    assert resnet18_lines
+    assert all("matches the config, skipped" in line for line in resnet18_lines)
+    assert "member resnet18: test top-1" not in log
     assert metrics["variant_priors"]["copy-equal"] == metrics["variant_priors"]["copy"]
     assert {r["variant"] for r in metrics["results"]} == {"copy", "copy-equal"}
 

@@ -150,7 +150,7 @@ def test_priors_table_shared_by_variants():
                           "| resnet18 | 35.82 | 75.41 |"]
 
 
-def test_unknown_experiment_names_studies_too():
+def test_unknown_experiment_lists_studies():
     from cvdd.report import load_experiment
 
     with pytest.raises(ConfigError, match=r"a study of parts \['fidelity-cifar10'\]"):
